@@ -98,22 +98,25 @@ def generate(
         padded_prompt_slots=sum(len(g) * int(prompt_len[g].max()) for g in groups),
     )
     kv_len = prompt_len.clone()
+    # Logits land in one buffer for the whole batch: allocating [B, V] afresh every step costs page faults.
+    logits_buffer = torch.empty(batch, model.config.vocab_size, dtype=torch.float32, device=model.device)
+    masked_buffer = torch.zeros_like(logits_buffer) if constraint is not None else None
 
     def prefill() -> torch.Tensor:
         """Every prompt token, packed, a group per forward pass; logits at each row's last token."""
-        parts = []
+        done = 0
         for group in groups:
             lengths = prompt_len[group]
             tokens = torch.tensor([t for row in group for t in prompts[row]], dtype=torch.int64)
             rows = torch.repeat_interleave(torch.tensor(group), lengths)
             positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
             step = Step.build(rows, positions, kv_len, batch)
-            parts.append(model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1))
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+            model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1, out=logits_buffer[done : done + len(group)])
+            done += len(group)
         order = [row for g in groups for row in g]
         if order == sorted(order):  # groups of consecutive rows (as the pipeline builds them): no reordering copy
-            return logits
-        return logits[torch.argsort(torch.tensor(order)).to(logits.device)]
+            return logits_buffer
+        return logits_buffer[torch.argsort(torch.tensor(order)).to(model.device)]
 
     generated = torch.zeros(batch, max_len, dtype=torch.int64)
     token_logprobs = torch.zeros(batch, max_len, dtype=torch.float32) if logprobs else None
@@ -128,19 +131,21 @@ def generate(
         if stats.steps == 0:
             logits = prefill()
         else:
-            logits = model.forward(tokens, Step.build(rows, positions, kv_len, batch), cache, logits_at)
+            logits = model.forward(tokens, Step.build(rows, positions, kv_len, batch), cache, logits_at,
+                                   out=logits_buffer[: live.numel()])
         stats.steps += 1
-        raw = torch.log_softmax(logits, dim=-1) if logprobs else None
+        raw = logits  # the model's distribution, before any mask
+        log_normalizer = torch.logsumexp(raw, dim=-1) if logprobs else None
         if constraint is not None:
-            full = logits.new_full((batch, logits.shape[-1]), 0.0)
-            full[live] = logits
-            constraint.apply(full)
-            logits = full[live]
+            # Rows that left the batch keep stale logits here; their masks are computed and never read.
+            masked_buffer[live] = logits
+            constraint.apply(masked_buffer)
+            logits = masked_buffer[live]
         on_device = lambda t: t.to(logits.device)  # noqa: E731
         next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
                              on_device(settings.seeds[live]), on_device(count[live]))
-        if raw is not None:
-            token_logprobs[live, count[live]] = raw.gather(1, next_tokens[:, None]).flatten().cpu()
+        if logprobs:
+            token_logprobs[live, count[live]] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
         next_tokens = next_tokens.cpu()
         generated[live, count[live]] = next_tokens
         count[live] += 1

@@ -6,6 +6,7 @@ The ops (RMSNorm, routing, the MXFP4 MoE, attention) come from `kernels`, so
 the torch and Triton backends share this file.
 """
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.precision import onednn_fp32_precision, resolve_fp32_matmul
 from engine.weights import LayerWeights, ModelWeights, load_weights
 from kernels import Ops, ops
 from kernels.mxfp4 import dequantize_mxfp4
@@ -171,11 +173,14 @@ class MoEBlock:
 
 
 class Transformer:
-    def __init__(self, weights: ModelWeights, backend: str = "torch", max_positions: int = 4096, expert_cache_bytes: int = 0, device="cpu"):
+    def __init__(self, weights: ModelWeights, backend: str = "torch", max_positions: int = 4096, expert_cache_bytes: int = 0, device="cpu",
+                 fp32_matmul: str = "auto"):
         self.config = c = weights.config
         self.device = torch.device(device)
         self.weights = weights = weights.to(self.device)
         self.dtype = weights.final_norm.dtype
+        # Only float32 CPU matmuls have a choice of internal precision (engine/precision.py).
+        self.fp32_matmul = resolve_fp32_matmul(fp32_matmul, self.device) if self.dtype == torch.float32 else "ieee"
         kernels = ops(backend)
         self.ops = kernels
         self.rope = RotaryEmbedding(c, max_positions, self.device)
@@ -186,8 +191,8 @@ class Transformer:
         ]
 
     @classmethod
-    def from_checkpoint(cls, model_dir, dtype=torch.float32, backend="torch", expert_cache_bytes=0, device="cpu") -> "Transformer":
-        return cls(load_weights(model_dir, dtype), backend, expert_cache_bytes=expert_cache_bytes, device=device)
+    def from_checkpoint(cls, model_dir, dtype=torch.float32, backend="torch", expert_cache_bytes=0, device="cpu", fp32_matmul="auto") -> "Transformer":
+        return cls(load_weights(model_dir, dtype), backend, expert_cache_bytes=expert_cache_bytes, device=device, fp32_matmul=fp32_matmul)
 
     def ensure_positions(self, max_positions: int):
         if self.rope.cos.shape[0] < max_positions:
@@ -196,12 +201,21 @@ class Transformer:
                 attention.rope = self.rope
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache, logits_at: torch.Tensor) -> torch.Tensor:
-        """Runs N packed tokens; returns float32 logits ``[M, V]`` for the tokens at `logits_at`."""
+    def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache, logits_at: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs N packed tokens; returns float32 logits ``[M, V]`` for the tokens at `logits_at`
+        (written into `out` when given: a fresh [256, 201088] tensor costs more in page faults
+        than the LM head itself on a small model)."""
         tokens, step, logits_at = tokens.to(self.device), step.to(self.device), logits_at.to(self.device)
-        x = self.weights.embedding[tokens].to(self.dtype)
-        for attention, moe in self.blocks:
-            x = attention(x, step, cache)
-            x = moe(x)
-        x = self.ops.rmsnorm(x[logits_at], self.weights.final_norm, self.config.rms_norm_eps)
-        return (x @ self.weights.unembedding.t()).float()
+        precision = onednn_fp32_precision(self.fp32_matmul) if self.fp32_matmul != "ieee" else contextlib.nullcontext()
+        with precision:
+            x = self.weights.embedding[tokens].to(self.dtype)
+            for attention, moe in self.blocks:
+                x = attention(x, step, cache)
+                x = moe(x)
+            x = self.ops.rmsnorm(x[logits_at], self.weights.final_norm, self.config.rms_norm_eps)
+            if out is None:
+                return (x @ self.weights.unembedding.t()).float()
+            if x.dtype == out.dtype:
+                return torch.mm(x, self.weights.unembedding.t(), out=out)
+            return out.copy_(x @ self.weights.unembedding.t())

@@ -19,11 +19,12 @@ class EngineSpec:
     settings_json: str = "{}"
     expert_cache_bytes: int = 1 << 30
     device: str = "auto"  # see pipeline.infer.resolve_device; a Ray actor given a GPU uses "cuda"
+    fp32_matmul: str = "auto"  # see engine.precision
 
     @classmethod
     def build(cls, model: str, settings: RunSettings, dtype: str, backend: str, expert_cache_bytes: int = 1 << 30,
-              device: str = "auto") -> "EngineSpec":
-        return cls(model, dtype, backend, json.dumps(settings.to_dict(), sort_keys=True), expert_cache_bytes, device)
+              device: str = "auto", fp32_matmul: str = "auto") -> "EngineSpec":
+        return cls(model, dtype, backend, json.dumps(settings.to_dict(), sort_keys=True), expert_cache_bytes, device, fp32_matmul)
 
     @property
     def settings(self) -> RunSettings:
@@ -35,4 +36,5 @@ class EngineSpec:
 
 @lru_cache(maxsize=2)
 def inferencer(spec: EngineSpec) -> ShardInferencer:
-    return ShardInferencer(spec.model, spec.settings, spec.dtype, spec.backend, spec.expert_cache_bytes, spec.device)
+    return ShardInferencer(spec.model, spec.settings, spec.dtype, spec.backend, spec.expert_cache_bytes, spec.device,
+                           spec.fp32_matmul)

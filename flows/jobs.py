@@ -48,6 +48,7 @@ class JobOptions(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     backend: Literal["torch", "triton"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp32_matmul: Literal["auto", "ieee", "bf16"] = "auto"
     shard_rows: int = Field(10_000, ge=1)
     storage_options: dict = Field(default_factory=dict)
     overwrite: bool = False
@@ -69,14 +70,14 @@ class JobOptions(BaseModel):
 
 def make_job(model: str, inputs: list[str] | str, output: str, settings, *, dtype: str = "float32",
              backend: str = "torch", shard_rows: int = 10_000, storage_options: dict | None = None,
-             overwrite: bool = False, device: str = "auto") -> tuple[dict, dict]:
+             overwrite: bool = False, device: str = "auto", fp32_matmul: str = "auto") -> tuple[dict, dict]:
     """(JobSpec fields, EngineSpec fields) for `batch_inference`; refuses a bad model before any work."""
     from engine.config import read_config
     from engine.weights import checkpoint_fingerprint
     from flows.engine_spec import EngineSpec
 
     config = read_config(model)
-    engine = EngineSpec.build(model, settings, dtype, backend, device=device)
+    engine = EngineSpec.build(model, settings, dtype, backend, device=device, fp32_matmul=fp32_matmul)
     job = dict(
         inputs=[inputs] if isinstance(inputs, str) else list(inputs),
         output=output,
@@ -84,7 +85,7 @@ def make_job(model: str, inputs: list[str] | str, output: str, settings, *, dtyp
         shard_rows=shard_rows,
         overwrite=overwrite,
         model_fingerprint=checkpoint_fingerprint(model) | {"config": config.to_hf_json()},
-        settings=settings.to_dict() | {"dtype": dtype, "backend": backend},
+        settings=settings.to_dict() | {"dtype": dtype, "backend": backend, "fp32_matmul": fp32_matmul},
     )
     return job, engine.to_dict()
 
@@ -94,7 +95,7 @@ def job_for(model: str, inputs, root: str, options: JobOptions, schema=None) -> 
     if root.rstrip("/").lower().endswith(".jsonl"):
         raise InputError(f"{root}: label, synth and eval write a directory of Parquet files, not a .jsonl")
     return make_job(model, inputs, job_dir(root), options.run_settings(schema), dtype=options.dtype,
-                    backend=options.backend, device=options.device, shard_rows=options.shard_rows,
+                    backend=options.backend, device=options.device, fp32_matmul=options.fp32_matmul, shard_rows=options.shard_rows,
                     storage_options=options.storage_options, overwrite=options.overwrite)
 
 

@@ -66,11 +66,12 @@ class _Prepared:
 
 class ShardInferencer:
     def __init__(self, model_dir, settings: RunSettings, dtype: str = "float32", backend: str = "torch",
-                 expert_cache_bytes: int = 1 << 30, device: str = "auto"):
+                 expert_cache_bytes: int = 1 << 30, device: str = "auto", fp32_matmul: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.settings = settings
-        self.model = Transformer.from_checkpoint(model_dir, DTYPES[dtype], backend, expert_cache_bytes, resolve_device(device, backend))
+        self.model = Transformer.from_checkpoint(model_dir, DTYPES[dtype], backend, expert_cache_bytes, resolve_device(device, backend),
+                                                 fp32_matmul)
         self.context = self.model.config.max_position_embeddings
         self.stops = stop_token_ids()
 

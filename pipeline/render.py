@@ -46,14 +46,8 @@ def stop_token_ids() -> list[int]:
     return list(harmony_encoding().stop_tokens_for_assistant_actions())
 
 
-def build_conversation(
-    messages: list[dict],
-    instructions: str | None = None,
-    reasoning_effort: str = "medium",
-    response_format: str | None = None,
-) -> Conversation:
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+def _turns(messages: list[dict], instructions: str | None) -> tuple[str, list[Message]]:
+    """The developer text (instructions, then system/developer messages) and the conversation turns."""
     developer_parts = [instructions] if instructions else []
     turns = []
     for index, message in enumerate(messages):
@@ -69,13 +63,39 @@ def build_conversation(
             raise ValueError(f"messages[{index}].role must be system, developer, user or assistant, got {role!r}")
     if not any(m.author.role == Role.USER for m in turns):
         raise ValueError("messages has no user message")
+    return "\n\n".join(developer_parts), turns
+
+
+def _header(developer_text: str, reasoning_effort: str, response_format: str | None) -> list[Message]:
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
     system = SystemContent.new().with_reasoning_effort(REASONING_EFFORTS[reasoning_effort])
     header = [Message.from_role_and_content(Role.SYSTEM, system)]
-    instructions_text = "\n\n".join(developer_parts)
-    if instructions_text or response_format:
-        developer = DeveloperContent.new().with_instructions("\n\n".join(filter(None, [instructions_text, response_format])))
+    if developer_text or response_format:
+        developer = DeveloperContent.new().with_instructions("\n\n".join(filter(None, [developer_text, response_format])))
         header.append(Message.from_role_and_content(Role.DEVELOPER, developer))
-    return Conversation.from_messages(header + turns)
+    return header
+
+
+def build_conversation(
+    messages: list[dict],
+    instructions: str | None = None,
+    reasoning_effort: str = "medium",
+    response_format: str | None = None,
+) -> Conversation:
+    developer_text, turns = _turns(messages, instructions)
+    return Conversation.from_messages(_header(developer_text, reasoning_effort, response_format) + turns)
+
+
+@lru_cache(maxsize=256)
+def _rendered_header(developer_text: str, reasoning_effort: str, response_format: str | None) -> tuple[int, ...]:
+    encoding = harmony_encoding()
+    return tuple(t for m in _header(developer_text, reasoning_effort, response_format) for t in encoding.render(m))
+
+
+@lru_cache(maxsize=1)
+def _completion_start() -> tuple[int, ...]:
+    return tuple(harmony_encoding().encode("<|start|>assistant", allowed_special={"<|start|>"}))
 
 
 def render_prompt(
@@ -84,6 +104,15 @@ def render_prompt(
     reasoning_effort: str = "medium",
     response_format: str | None = None,
 ) -> list[int]:
-    """The prompt's token ids, ending with `<|start|>assistant`."""
-    conversation = build_conversation(messages, instructions, reasoning_effort, response_format)
-    return harmony_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
+    """The prompt's token ids, ending with `<|start|>assistant`.
+
+    Equal to harmony's `render_conversation_for_completion` (tested); the system and developer
+    messages, the same for most rows of a job, are rendered once and reused: they are ~60% of the
+    rendering time of a short row.
+    """
+    developer_text, turns = _turns(messages, instructions)
+    encoding = harmony_encoding()
+    tokens = list(_rendered_header(developer_text, reasoning_effort, response_format))
+    for turn in turns:
+        tokens += encoding.render(turn)
+    return tokens + list(_completion_start())

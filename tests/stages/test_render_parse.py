@@ -116,3 +116,21 @@ def test_buckets_keep_padding_within_ten_percent_on_a_long_tailed_mix():
     arrival = [list(range(i, min(i + 64, len(lengths)))) for i in range(0, len(lengths), 64)]
     assert padded(bucketed) <= 1.10 * sum(lengths)
     assert padded(arrival) > 1.5 * sum(lengths)  # what sorting saves
+
+
+def test_cached_header_rendering_equals_harmony_conversation_rendering():
+    from pipeline.render import build_conversation
+
+    conversations = [
+        [{"role": "user", "content": "Label: great phone"}],
+        [{"role": "user", "content": "Label: awful battery <|return|>"}],
+        [{"role": "developer", "content": "Only JSON."}, {"role": "user", "content": "x"},
+         {"role": "assistant", "content": "{}"}, {"role": "user", "content": "again"}],
+    ]
+    for effort in ("low", "medium", "high"):
+        for instructions in (None, "Be brief.", ""):
+            for response_format in (None, "# Response Formats\n\n## answer\n\n{\"type\":\"object\"}"):
+                for messages in conversations * 2:  # the second pass renders from the cached header
+                    tokens = render_prompt(messages, instructions, effort, response_format)
+                    conversation = build_conversation(messages, instructions, effort, response_format)
+                    assert tokens == harmony_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
