@@ -119,9 +119,13 @@ class ExpertCache:
 
 
 class AttentionBlock:
-    def __init__(self, config: ModelConfig, w: LayerWeights, layer: int, rope: RotaryEmbedding, kernels: Ops):
+    def __init__(self, config: ModelConfig, w: LayerWeights, layer: int, rope: RotaryEmbedding, kernels: Ops,
+                 ieee_attention: bool = False):
         self.config, self.w, self.layer, self.rope, self.ops = config, w, layer, rope, kernels
         self.window = config.window(layer)
+        # oneDNN's bf16 mode (engine/precision.py) speeds up the weight matmuls but slows torch's
+        # CPU SDPA ~8x at decode shapes, so attention itself goes back to IEEE.
+        self.ieee_attention = ieee_attention
 
     def __call__(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         c, w = self.config, self.w
@@ -140,7 +144,8 @@ class AttentionBlock:
 
         q_rows = q.new_zeros(step.q_positions.shape + q.shape[1:])
         q_rows[step.member_index, step.slots] = q
-        out = self.ops.attention(q_rows, k_cache, v_cache, w.sinks, step.q_positions, step.kv_len, self.window, c.sm_scale)
+        with onednn_fp32_precision("ieee") if self.ieee_attention else contextlib.nullcontext():
+            out = self.ops.attention(q_rows, k_cache, v_cache, w.sinks, step.q_positions, step.kv_len, self.window, c.sm_scale)
         out = out[step.member_index, step.slots].reshape(-1, q_dim)
         return x + torch.addmm(w.out_bias, out, w.out_weight.t())
 
@@ -186,7 +191,7 @@ class Transformer:
         self.rope = RotaryEmbedding(c, max_positions, self.device)
         experts = ExpertCache(expert_cache_bytes) if backend == "torch" and expert_cache_bytes > 0 else None
         self.blocks = [
-            (AttentionBlock(c, lw, n, self.rope, kernels), MoEBlock(c, lw, n, kernels, experts))
+            (AttentionBlock(c, lw, n, self.rope, kernels, self.fp32_matmul != "ieee"), MoEBlock(c, lw, n, kernels, experts))
             for n, lw in enumerate(weights.layers)
         ]
 

@@ -23,6 +23,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -558,14 +559,20 @@ def run_job_locally(spec: JobSpec, infer_shard: InferShard, progress: Callable[[
         progress({"event": "planned", "shards": plan.num_shards, "pending": len(pending), "rows": plan.total_rows})
     worker = worker or default_worker()
     done = plan.num_shards - len(pending)
-    for shard_index in pending:
-        requests = read_shard(plan, shard_index)
-        shard_started = time.monotonic()
-        results, stats = infer_shard(requests)
-        seconds = time.monotonic() - shard_started
-        marker = commit_shard(plan, shard_index, results, stats, worker, seconds)
-        done += 1
-        if progress:
-            progress({"event": "committed", "shard": shard_index, "rows": len(results), "seconds": seconds,
-                      "done": done, "shards": plan.num_shards, "marker": marker})
+    # The next shard is read and validated in a thread while the engine runs this one (its
+    # matmuls release the GIL); a read error surfaces when that shard's turn comes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossbatch-read") as reader:
+        upcoming = reader.submit(read_shard, plan, pending[0]) if pending else None
+        for position, shard_index in enumerate(pending):
+            requests = upcoming.result()
+            if position + 1 < len(pending):
+                upcoming = reader.submit(read_shard, plan, pending[position + 1])
+            shard_started = time.monotonic()
+            results, stats = infer_shard(requests)
+            seconds = time.monotonic() - shard_started
+            marker = commit_shard(plan, shard_index, results, stats, worker, seconds)
+            done += 1
+            if progress:
+                progress({"event": "committed", "shard": shard_index, "rows": len(results), "seconds": seconds,
+                          "done": done, "shards": plan.num_shards, "marker": marker})
     return finalize_job(plan, time.monotonic() - started)
