@@ -115,3 +115,20 @@ def test_bad_flag_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--model", "m", "--input", "i", "--output", "o", "--max-tokens", "0"])
     assert "--max-tokens must be positive" in capsys.readouterr().err
+
+
+def test_a_failure_while_parsing_a_wave_fails_the_shard_and_commits_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    from pipeline.infer import ShardInferencer
+
+    real_result = ShardInferencer._result
+
+    def result_failing_on_b(self, request, *args):
+        if request["id"] == "b":
+            raise RuntimeError("parser blew up on row b")
+        return real_result(self, request, *args)
+
+    monkeypatch.setattr(ShardInferencer, "_result", result_failing_on_b)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="row b"):
+        _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS), out, "--max-tokens", "4", "--temperature", "0")
+    assert not list(out.glob("*.parquet"))
