@@ -7,7 +7,6 @@ actor or a long-lived worker reuses it); it never touches files or Prefect.
 
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,12 +91,11 @@ class ShardInferencer:
         lengths = [len(p.prompt) for p in prepared]
         budgets = [p.params.max_tokens for p in prepared]
         buckets = pack_batches(lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows)
-        # A wave's rows are parsed in a thread while the engine runs the next wave.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossbatch-parse") as parser:
-            finishing = [parser.submit(self._finish_wave, requests, results, rows, completions, errors)
-                         for rows, completions, errors in self._run_waves(prepared, lengths, budgets, buckets, stats)]
-            for done in finishing:
-                done.result()  # re-raises a parsing failure
+        # Parsing a wave in a thread behind the engine measured no faster on 2 cores: openai-harmony
+        # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
+        for rows, completions, errors in self._run_waves(prepared, lengths, budgets, buckets, stats):
+            for row, completion, constraint_error in zip(rows, completions, errors):
+                results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
         return results, stats
 
     def _run_waves(self, prepared, lengths, budgets, buckets, stats):
@@ -123,10 +121,6 @@ class ShardInferencer:
             stats["batches"] += 1
             errors = constraint.errors() if constraint is not None else [None] * len(rows)
             yield rows, completions, errors
-
-    def _finish_wave(self, requests, results, rows, completions, errors) -> None:
-        for row, completion, constraint_error in zip(rows, completions, errors):
-            results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
 
     def _prepare(self, index: int, request: dict) -> _Prepared:
         s = self.settings

@@ -559,8 +559,8 @@ def run_job_locally(spec: JobSpec, infer_shard: InferShard, progress: Callable[[
         progress({"event": "planned", "shards": plan.num_shards, "pending": len(pending), "rows": plan.total_rows})
     worker = worker or default_worker()
     done = plan.num_shards - len(pending)
-    # The next shard is read and validated in a thread while the engine runs this one (its
-    # matmuls release the GIL); a read error surfaces when that shard's turn comes.
+    # The next shard is read and validated in a thread while the engine runs this one: from object
+    # storage that is mostly waiting on the network. A read error surfaces when that shard's turn comes.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossbatch-read") as reader:
         upcoming = reader.submit(read_shard, plan, pending[0]) if pending else None
         for position, shard_index in enumerate(pending):

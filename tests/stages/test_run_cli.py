@@ -117,7 +117,7 @@ def test_bad_flag_is_named(tmp_path, capsys):
     assert "--max-tokens must be positive" in capsys.readouterr().err
 
 
-def test_a_failure_while_parsing_a_wave_fails_the_shard_and_commits_nothing(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_dir, tmp_path, monkeypatch):
     from pipeline.infer import ShardInferencer
 
     real_result = ShardInferencer._result
