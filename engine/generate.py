@@ -8,6 +8,7 @@ the model runs the forward pass.
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,68 +77,106 @@ def generate(
     constraint: TokenConstraint | None = None,
     logprobs: bool = False,
     prefill_groups: list[list[int]] | None = None,
+    slots: int | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
-    """`prefill_groups` partitions the rows into groups of similar prompt length
+    """Generates every row; returns completions in row order.
+
+    `prefill_groups` partitions the rows into groups of similar prompt length
     that prefill in separate forward passes (so attention's padded rectangle
-    stays small) before every row decodes together (so the batch stays wide)."""
+    stays small) before decoding together (so the batch stays wide).
+
+    `slots` (default: one per row) is the number of KV-cache rows. With fewer
+    slots than rows, rows are admitted in group order as slots free up: a row
+    that stops hands its slot to the next waiting row, so the decode batch
+    stays full while rows finish at different lengths. Rows wait until at
+    least an eighth of the slots are free (or nothing else is decoding), so
+    each refill prefill is a batch, not a row.
+    """
     started = time.perf_counter()
     batch = len(prompts)
+    slots = batch if slots is None else slots
+    if not 1 <= slots <= batch:
+        raise ValueError(f"slots must be from 1 to the number of rows ({batch}), got {slots}")
+    if constraint is not None and slots < batch:
+        raise ValueError("a constrained batch needs one slot per row (its matchers are indexed by row)")
     settings = _Batch(params)
     prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     if bool((prompt_len == 0).any()) or bool((settings.max_tokens <= 0).any()):
         raise ValueError("every row needs a non-empty prompt and max_tokens >= 1")
     max_len = int((prompt_len + settings.max_tokens).max())
     model.ensure_positions(max_len)
-    cache = KVCache.for_model(model.config, batch, max_len, model.dtype, model.device)
+    cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
     groups = [sorted(g) for g in prefill_groups] if prefill_groups else [list(range(batch))]
     if sorted(row for g in groups for row in g) != list(range(batch)):
         raise ValueError("prefill_groups must partition the rows")
-    stats = GenerationStats(
-        prompt_tokens=int(prompt_len.sum()),
-        padded_prompt_slots=sum(len(g) * int(prompt_len[g].max()) for g in groups),
-    )
-    kv_len = prompt_len.clone()
-    # Logits land in one buffer for the whole batch: allocating [B, V] afresh every step costs page faults.
-    logits_buffer = torch.empty(batch, model.config.vocab_size, dtype=torch.float32, device=model.device)
-    masked_buffer = torch.zeros_like(logits_buffer) if constraint is not None else None
+    stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
+    group_of = {row: n for n, g in enumerate(groups) for row in g}
+    waiting = deque(row for g in groups for row in g)
+    free_slots = list(range(slots))
+    slot_of = torch.full((batch,), -1, dtype=torch.int64)
+    kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
+    refill_at = 1 if slots == batch else max(1, slots // 8)
+    # Logits land in one buffer: allocating [rows, V] afresh every step costs page faults.
+    logits_buffer = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
+    masked_buffer = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=model.device) if constraint is not None else None
 
-    def prefill() -> torch.Tensor:
-        """Every prompt token, packed, a group per forward pass; logits at each row's last token."""
+    def admit(decoding: int) -> list[int]:
+        """Waiting rows that take free slots now, in group order (lowest slots first)."""
+        if not waiting or not free_slots or (decoding and len(free_slots) < min(refill_at, len(waiting))):
+            return []
+        free_slots.sort()
+        rows = [waiting.popleft() for _ in range(min(len(free_slots), len(waiting)))]
+        for row in rows:
+            slot_of[row] = free_slots.pop(0)
+        return rows
+
+    def prefill(rows: list[int]) -> None:
+        """The admitted rows' prompts, packed, a group per forward pass; logits at each row's last token."""
         done = 0
-        for group in groups:
-            lengths = prompt_len[group]
-            tokens = torch.tensor([t for row in group for t in prompts[row]], dtype=torch.int64)
-            rows = torch.repeat_interleave(torch.tensor(group), lengths)
+        chunks: dict[int, list[int]] = {}
+        for row in rows:
+            chunks.setdefault(group_of[row], []).append(row)
+        for chunk in chunks.values():
+            lengths = prompt_len[chunk]
+            chunk_slots = slot_of[chunk]
+            kv_len[chunk_slots] = lengths
+            tokens = torch.tensor([t for row in chunk for t in prompts[row]], dtype=torch.int64)
             positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-            step = Step.build(rows, positions, kv_len, batch)
-            model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1, out=logits_buffer[done : done + len(group)])
-            done += len(group)
-        order = [row for g in groups for row in g]
-        if order == sorted(order):  # groups of consecutive rows (as the pipeline builds them): no reordering copy
-            return logits_buffer
-        return logits_buffer[torch.argsort(torch.tensor(order)).to(model.device)]
+            step = Step.build(torch.repeat_interleave(chunk_slots, lengths), positions, kv_len, slots)
+            model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1, out=logits_buffer[done : done + len(chunk)])
+            stats.padded_prompt_slots += len(chunk) * int(lengths.max())
+            done += len(chunk)
 
-    generated = torch.zeros(batch, max_len, dtype=torch.int64)
-    token_logprobs = torch.zeros(batch, max_len, dtype=torch.float32) if logprobs else None
+    generated = torch.zeros(batch, int(settings.max_tokens.max()), dtype=torch.int64)
+    token_logprobs = torch.zeros(batch, generated.shape[1], dtype=torch.float32) if logprobs else None
     count = torch.zeros(batch, dtype=torch.int64)
+    last_token = torch.zeros(batch, dtype=torch.int64)
     finish = [""] * batch
-    active = torch.ones(batch, dtype=torch.bool)
-    live = torch.arange(batch)  # the rows in this step's logits, in order
+    active = torch.zeros(batch, dtype=torch.bool)  # admitted and still generating
+    decoding = torch.zeros(0, dtype=torch.int64)  # rows that decode this step, in slot order
 
     while True:
         if constraint is not None:
             constraint.prepare()
-        if stats.steps == 0:
-            logits = prefill()
-        else:
-            logits = model.forward(tokens, Step.build(rows, positions, kv_len, batch), cache, logits_at,
-                                   out=logits_buffer[: live.numel()])
+        admitted = admit(decoding.numel())
+        prefill(admitted)
+        if decoding.numel():
+            decode_slots = slot_of[decoding]
+            positions = kv_len[decode_slots].clone()
+            kv_len[decode_slots] += 1
+            n = len(admitted)
+            model.forward(last_token[decoding], Step.build(decode_slots, positions, kv_len, slots), cache,
+                          torch.arange(decoding.numel()), out=logits_buffer[n : n + decoding.numel()])
+            stats.decode_slots += decoding.numel()
+        live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
+        active[live] = True
+        logits = logits_buffer[: live.numel()]
         stats.steps += 1
         raw = logits  # the model's distribution, before any mask
         log_normalizer = torch.logsumexp(raw, dim=-1) if logprobs else None
         if constraint is not None:
-            # Rows that left the batch keep stale logits here; their masks are computed and never read.
+            # Rows not in this step keep stale logits here; their masks are computed and never read.
             masked_buffer[live] = logits
             constraint.apply(masked_buffer)
             logits = masked_buffer[live]
@@ -148,6 +187,7 @@ def generate(
             token_logprobs[live, count[live]] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
         next_tokens = next_tokens.cpu()
         generated[live, count[live]] = next_tokens
+        last_token[live] = next_tokens
         count[live] += 1
         if constraint is not None:
             sampled = torch.zeros(batch, dtype=torch.int64)
@@ -155,21 +195,16 @@ def generate(
             constraint.advance(sampled, active.clone())
 
         stopped = torch.isin(next_tokens, stops)
-        exhausted = count[live] >= settings.max_tokens[live]
-        for row, is_stop in zip(live[stopped | exhausted].tolist(), stopped[stopped | exhausted].tolist()):
+        ended = stopped | (count[live] >= settings.max_tokens[live])
+        for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
             finish[row] = "stop" if is_stop else "length"
-        active[live[stopped | exhausted]] = False
-        if not bool(active.any()):
+            free_slots.append(int(slot_of[row]))
+        active[live[ended]] = False
+        # Rows still generating decode next step, in slot order (Step.build wants sorted cache rows).
+        decoding = live[~ended]
+        decoding = decoding[torch.argsort(slot_of[decoding])]
+        if not decoding.numel() and not waiting:
             break
-
-        # Decode: one token for each row still generating, at the end of its sequence.
-        keep = ~(stopped | exhausted)
-        tokens = next_tokens[keep]
-        live = live[keep]
-        rows, positions = live, kv_len[live].clone()
-        kv_len[live] += 1
-        logits_at = torch.arange(live.numel())
-        stats.decode_slots += live.numel()
 
     stats.seconds = time.perf_counter() - started
     completions = []

@@ -99,7 +99,14 @@ class ShardInferencer:
         return results, stats
 
     def _run_waves(self, prepared, lengths, budgets, buckets, stats):
-        for wave in _waves(buckets, lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows):
+        """Unconstrained rows run in refill runs (a freed KV slot takes the next row); rows under a
+        grammar run in static waves, because their matchers are indexed by batch row."""
+        s = self.settings
+        free = [b for b in ([m for m in bucket if prepared[m].grammar is None] for bucket in buckets) if b]
+        constrained = [b for b in ([m for m in bucket if prepared[m].grammar is not None] for bucket in buckets) if b]
+        plan = list(_refill_runs(free, lengths, budgets, s.batch_tokens, s.max_batch_rows))
+        plan += [(wave, None) for wave in _waves(constrained, lengths, budgets, s.batch_tokens, s.max_batch_rows)]
+        for wave, slots in plan:
             members = [m for bucket in wave for m in bucket]
             rows = [prepared[m] for m in members]
             position = {m: i for i, m in enumerate(members)}
@@ -114,6 +121,7 @@ class ShardInferencer:
                 constraint=constraint,
                 logprobs=self.settings.logprobs,
                 prefill_groups=groups,
+                slots=slots,
             )
             stats["engine_seconds"] += time.perf_counter() - started
             stats["padded_prompt_slots"] += gen.padded_prompt_slots
@@ -196,6 +204,30 @@ def _waves(buckets: list[list[int]], lengths: list[int], budgets: list[int], bat
         rows, longest, answer = rows + len(bucket), max(longest, b_longest), max(answer, b_answer)
     if wave:
         yield wave
+
+
+def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):
+    """Consecutive length buckets sharing one KV cache of ``slots`` rows, each ``width`` = longest
+    prompt + largest budget of the run, with ``slots * width <= batch_tokens`` (the memory a static
+    wave may use). A run takes buckets while its width grows by at most a third, so one long row
+    does not narrow the cache for every short one. Yields (buckets, slots)."""
+    run: list[list[int]] = []
+    first_width = width = 0
+    for bucket in buckets:
+        b_width = max(lengths[i] for i in bucket) + max(budgets[i] for i in bucket)
+        if run and max(width, b_width) * 3 > first_width * 4:
+            yield run, _slots(run, width, batch_tokens, max_rows)
+            run = []
+        if not run:
+            first_width = width = b_width
+        run.append(bucket)
+        width = max(width, b_width)
+    if run:
+        yield run, _slots(run, width, batch_tokens, max_rows)
+
+
+def _slots(run: list[list[int]], width: int, batch_tokens: int, max_rows: int) -> int:
+    return max(1, min(max_rows, batch_tokens // width, sum(map(len, run))))
 
 
 def _batch_constraint(rows: list[_Prepared], vocab_size: int):

@@ -101,3 +101,48 @@ def test_grouped_prefill_equals_transformers_and_pads_less(checkpoint):
         expected_tokens, expected_logprobs = _hf_greedy(hf, prompt)
         assert completion.token_ids == expected_tokens
         assert max(abs(a - b) for a, b in zip(completion.logprobs, expected_logprobs)) <= 1e-3
+
+
+def test_refilled_slots_equal_transformers(checkpoint):
+    """Two KV-cache slots for five rows of different budgets: a row that takes a freed slot (a longer
+    row's stale keys behind its length, sliding windows over them) still gives the reference's tokens."""
+    path, hf = checkpoint
+    model = Transformer.from_checkpoint(path, torch.float32)
+    prompts = _prompts(5)  # lengths 3, 17, 9, 30, 1: the 1-token row lands in the 30-token row's slot
+    budgets = [2, NEW_TOKENS, 4, 7, NEW_TOKENS]
+    completions, stats = generate(model, prompts, [SamplingParams(max_tokens=b) for b in budgets], [], logprobs=True, slots=2)
+    for prompt, budget, completion in zip(prompts, budgets, completions):
+        expected_tokens, expected_logprobs = _hf_greedy(hf, prompt)
+        assert completion.token_ids == expected_tokens[:budget]
+        assert max(abs(a - b) for a, b in zip(completion.logprobs, expected_logprobs)) <= 1e-3
+    assert stats.decode_slots == sum(budgets) - len(prompts)  # every decode slot made a kept token
+
+
+# Not top-p here: a random model's next-token distribution is nearly flat (logprobs ~ -12.2 across
+# the vocabulary), so the nucleus sort orders ~10^5 near-equal probabilities by float noise that
+# differs with the batch's composition, static or refilled alike.
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.9, 1.0)])
+def test_a_row_is_the_same_whatever_slot_it_gets(checkpoint, temperature, top_p):
+    path, _ = checkpoint
+    model = Transformer.from_checkpoint(path, torch.float32)
+    prompts = _prompts(7) + _prompts(8)
+    params = [SamplingParams(max_tokens=1 + (3 * i) % NEW_TOKENS, temperature=temperature, top_p=top_p, seed=i)
+              for i in range(len(prompts))]
+    groups = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    static, static_stats = generate(model, prompts, params, [], logprobs=True, prefill_groups=groups)
+    refilled, refill_stats = generate(model, prompts, params, [], logprobs=True, prefill_groups=groups, slots=3)
+    for a, b in zip(static, refilled):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+    assert refill_stats.decode_slots == static_stats.decode_slots
+    assert refill_stats.steps > static_stats.steps  # three slots for ten rows: narrower steps, more of them
+
+
+def test_slots_are_checked(checkpoint):
+    path, _ = checkpoint
+    model = Transformer.from_checkpoint(path, torch.float32)
+    prompts, params = _prompts(1)[:2], [SamplingParams(max_tokens=2)] * 2
+    with pytest.raises(ValueError, match="slots must be from 1 to the number of rows"):
+        generate(model, prompts, params, [], slots=3)
+    with pytest.raises(ValueError, match="one slot per row"):
+        generate(model, prompts, params, [], constraint=object(), slots=1)

@@ -134,3 +134,17 @@ def test_cached_header_rendering_equals_harmony_conversation_rendering():
                     tokens = render_prompt(messages, instructions, effort, response_format)
                     conversation = build_conversation(messages, instructions, effort, response_format)
                     assert tokens == harmony_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
+
+
+def test_refill_runs_fit_the_token_budget_and_keep_every_row_once():
+    from pipeline.infer import _refill_runs
+
+    lengths = [10 + (i * 37) % 400 for i in range(300)]
+    budgets = [64 + (i * 11) % 200 for i in range(300)]
+    buckets = pack_batches(lengths, budgets, 8192, 32)
+    runs = list(_refill_runs(buckets, lengths, budgets, 8192, 32))
+    assert sorted(i for run, _ in runs for bucket in run for i in bucket) == list(range(300))
+    for run, slots in runs:
+        widths = [max(lengths[i] for i in b) + max(budgets[i] for i in b) for b in run]
+        assert 1 <= slots <= 32 and slots * max(widths) <= 8192
+        assert max(widths) * 3 <= widths[0] * 4  # one long row does not narrow the whole run's cache

@@ -132,3 +132,18 @@ def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_
     with pytest.raises(RuntimeError, match="row b"):
         _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS), out, "--max-tokens", "4", "--temperature", "0")
     assert not list(out.glob("*.parquet"))
+
+
+def test_two_kv_slots_refilled_give_every_row_what_a_wide_batch_gives(tiny_model_dir, tmp_path):
+    rows = [{"id": f"r{i}", "prompt": "word " * (1 + 7 * i % 23), "max_tokens": 1 + (5 * i) % 9} for i in range(12)]
+    inp = _write_jsonl(tmp_path / "in.jsonl", rows)
+    _run(tiny_model_dir, inp, tmp_path / "wide", "--keep-token-ids", "--logprobs")
+    _run(tiny_model_dir, inp, tmp_path / "narrow", "--keep-token-ids", "--logprobs", "--max-batch-rows", "2")
+    wide, _ = _read_output(tmp_path / "wide")
+    narrow, _ = _read_output(tmp_path / "narrow")
+    for rid, row in wide.items():
+        assert narrow[rid]["output_token_ids"] == row["output_token_ids"]
+        assert narrow[rid]["completion_tokens"] == rows[int(rid[1:])]["max_tokens"] or narrow[rid]["finish_reason"] == "stop"
+        assert max(abs(a - b) for a, b in zip(narrow[rid]["output_logprobs"], row["output_logprobs"])) < 1e-4
+    manifest = json.loads((tmp_path / "narrow" / "manifest.json").read_text())
+    assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in narrow.values())
