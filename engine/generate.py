@@ -44,13 +44,14 @@ class GenerationStats:
 
 
 class TokenConstraint(Protocol):
-    """Per-row token masks for one batch (see pipeline.constrain.BatchConstraint)."""
+    """Per-row token masks for the rows of a generate() call (see pipeline.constrain.BatchConstraint).
+    `rows` are the rows in this step, in the order of the step's logits."""
 
-    def prepare(self) -> None: ...  # start computing the next step's masks (may run in a thread)
+    def prepare(self, rows: list[int]) -> None: ...  # start computing their masks (may run in a thread)
 
-    def apply(self, logits: torch.Tensor) -> None: ...  # [B, V]: set disallowed tokens to -inf in place
+    def apply(self, logits: torch.Tensor, rows: list[int]) -> None: ...  # [len(rows), V]: disallowed -> -inf, in place
 
-    def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None: ...
+    def advance(self, tokens: torch.Tensor, active: torch.Tensor, rows: list[int]) -> None: ...  # the sampled tokens
 
 
 @dataclass
@@ -97,8 +98,6 @@ def generate(
     slots = batch if slots is None else slots
     if not 1 <= slots <= batch:
         raise ValueError(f"slots must be from 1 to the number of rows ({batch}), got {slots}")
-    if constraint is not None and slots < batch:
-        raise ValueError("a constrained batch needs one slot per row (its matchers are indexed by row)")
     settings = _Batch(params)
     prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     if bool((prompt_len == 0).any()) or bool((settings.max_tokens <= 0).any()):
@@ -119,7 +118,7 @@ def generate(
     refill_at = 1 if slots == batch else max(1, slots // 8)
     # Logits land in one buffer: allocating [rows, V] afresh every step costs page faults.
     logits_buffer = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
-    masked_buffer = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=model.device) if constraint is not None else None
+    masked_buffer = torch.empty_like(logits_buffer) if constraint is not None else None
 
     def admit(decoding: int) -> list[int]:
         """Waiting rows that take free slots now, in group order (lowest slots first)."""
@@ -153,13 +152,13 @@ def generate(
     count = torch.zeros(batch, dtype=torch.int64)
     last_token = torch.zeros(batch, dtype=torch.int64)
     finish = [""] * batch
-    active = torch.zeros(batch, dtype=torch.bool)  # admitted and still generating
     decoding = torch.zeros(0, dtype=torch.int64)  # rows that decode this step, in slot order
 
     while True:
-        if constraint is not None:
-            constraint.prepare()
         admitted = admit(decoding.numel())
+        live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
+        if constraint is not None:
+            constraint.prepare(live.tolist())  # masks computed while the forward passes run
         prefill(admitted)
         if decoding.numel():
             decode_slots = slot_of[decoding]
@@ -169,17 +168,13 @@ def generate(
             model.forward(last_token[decoding], Step.build(decode_slots, positions, kv_len, slots), cache,
                           torch.arange(decoding.numel()), out=logits_buffer[n : n + decoding.numel()])
             stats.decode_slots += decoding.numel()
-        live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
-        active[live] = True
         logits = logits_buffer[: live.numel()]
         stats.steps += 1
         raw = logits  # the model's distribution, before any mask
         log_normalizer = torch.logsumexp(raw, dim=-1) if logprobs else None
         if constraint is not None:
-            # Rows not in this step keep stale logits here; their masks are computed and never read.
-            masked_buffer[live] = logits
-            constraint.apply(masked_buffer)
-            logits = masked_buffer[live]
+            logits = masked_buffer[: live.numel()].copy_(logits)
+            constraint.apply(logits, live.tolist())
         on_device = lambda t: t.to(logits.device)  # noqa: E731
         next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
                              on_device(settings.seeds[live]), on_device(count[live]))
@@ -190,16 +185,13 @@ def generate(
         last_token[live] = next_tokens
         count[live] += 1
         if constraint is not None:
-            sampled = torch.zeros(batch, dtype=torch.int64)
-            sampled[live] = next_tokens
-            constraint.advance(sampled, active.clone())
+            constraint.advance(next_tokens, torch.ones(live.numel(), dtype=torch.bool), rows=live.tolist())
 
         stopped = torch.isin(next_tokens, stops)
         ended = stopped | (count[live] >= settings.max_tokens[live])
         for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
             finish[row] = "stop" if is_stop else "length"
             free_slots.append(int(slot_of[row]))
-        active[live[ended]] = False
         # Rows still generating decode next step, in slot order (Step.build wants sorted cache rows).
         decoding = live[~ended]
         decoding = decoding[torch.argsort(slot_of[decoding])]

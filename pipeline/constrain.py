@@ -493,10 +493,9 @@ class BatchConstraint:
         self._live = [m is not None for m in self._matchers]
         self._errors: list[str | None] = [None] * self.batch_size
         self._words = (self.tok_vocab + 31) // 32
-        n = max(1, len(self._rows))
-        # Two buffers: the one applied at step t may still be in flight to the GPU
-        # while step t+1's masks are written.
-        self._bitmasks = [llg_torch.allocate_token_bitmask(n, self.tok_vocab) for _ in range(2)]
+        # Two buffers: the one applied at step t may still be in flight to the GPU while step t+1's
+        # masks are written. They grow to the most rows one step masks (the KV slots, not the run).
+        self._bitmasks = [llg_torch.allocate_token_bitmask(1, self.tok_vocab) for _ in range(2)]
         self._flip = 0
         self._pool: ThreadPoolExecutor | None = _mask_pool() if self._rows else None
         self._pending: Future | None = None
@@ -506,12 +505,16 @@ class BatchConstraint:
 
     # -- protocol ---------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Start computing the next-token masks of every live constrained row."""
+    def prepare(self, rows: Sequence[int] | None = None) -> None:
+        """Start computing the next-token masks of every live constrained row, or of those among
+        ``rows`` (the rows of the coming step, when the engine refills KV slots)."""
         if self._pool is None:
             return
         self._finish_pending()
-        rows = [i for i in self._rows if self._live[i]]
+        candidates = self._rows if rows is None else [int(i) for i in rows if self._matchers[int(i)] is not None]
+        rows = [i for i in candidates if self._live[i]]
+        if len(rows) > self._bitmasks[0].shape[0]:
+            self._bitmasks = [llg_torch.allocate_token_bitmask(len(rows), self.tok_vocab) for _ in range(2)]
         bitmask = self._bitmasks[self._flip]
         self._flip ^= 1
         self._prepared = (rows, bitmask)
@@ -519,12 +522,14 @@ class BatchConstraint:
             return
         self._pending = self._pool.submit(self._fill, rows, bitmask)
 
-    def apply(self, logits: torch.Tensor) -> None:
-        """Wait for ``prepare``'s masks and set disallowed tokens of constrained rows to -inf."""
+    def apply(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Wait for ``prepare``'s masks and set disallowed tokens of constrained rows to -inf.
+        ``logits`` is ``[batch, V]``, or ``[len(rows), V]`` with logits row k for batch row rows[k]."""
         if self._pool is None:
             return
+        step_rows = rows
         if self._prepared is None:
-            self.prepare()
+            self.prepare(step_rows)
         started = time.perf_counter()
         self._finish_pending()
         self._timings["wait"].append(time.perf_counter() - started)
@@ -534,18 +539,22 @@ class BatchConstraint:
             return
         started = time.perf_counter()
         try:
-            self._apply(logits, rows, bitmask)
+            self._apply(logits, rows, bitmask, step_rows)
         finally:
             self._timings["apply"].append(time.perf_counter() - started)
 
-    def _apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-        if logits.dim() != 2 or logits.shape[0] != self.batch_size:
-            raise ValueError(f"logits must be [{self.batch_size}, V], got {tuple(logits.shape)}")
+    def _apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, step_rows=None) -> None:
+        expected = self.batch_size if step_rows is None else len(step_rows)
+        if logits.dim() != 2 or logits.shape[0] != expected:
+            raise ValueError(f"logits must be [{expected}, V], got {tuple(logits.shape)}")
         if logits.shape[1] < self.tok_vocab:
             raise ValueError(f"logits have {logits.shape[1]} columns, fewer than the tokenizer's {self.tok_vocab}")
+        if step_rows is not None:  # batch rows -> their rows in these logits
+            position = {int(r): k for k, r in enumerate(step_rows)}
+            rows = [position[i] for i in rows]
         n = len(rows)
         banned = self._banned(bitmask[:n], logits.device)  # bool [n, tok_vocab]
-        if n == self.batch_size:  # every row constrained and live: work on views
+        if n == logits.shape[0] and rows == list(range(n)):  # every row constrained and live: work on views
             logits[:, : self.tok_vocab].masked_fill_(banned, -math.inf)
             if logits.shape[1] > self.tok_vocab:
                 logits[:, self.tok_vocab :] = -math.inf
@@ -558,8 +567,21 @@ class BatchConstraint:
             if view.shape[1] > self.tok_vocab:
                 view[:, self.tok_vocab :] = -math.inf
 
-    def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
-        """Consume each active constrained row's sampled token; a rejected token fails the row."""
+    def advance(self, tokens: torch.Tensor, active: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Consume each active constrained row's sampled token; a rejected token fails the row.
+        ``tokens``/``active`` are per batch row, or per entry of ``rows`` when given (rows not
+        listed wait, untouched: they are not in this step)."""
+        if rows is not None:
+            toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+            act = active.tolist() if isinstance(active, torch.Tensor) else list(active)
+            full_tokens, full_active = [0] * self.batch_size, [True] * self.batch_size
+            listed = [False] * self.batch_size
+            for r, t, a in zip(rows, toks, act):
+                full_tokens[int(r)], full_active[int(r)], listed[int(r)] = t, a, True
+            return self._advance_listed(full_tokens, full_active, listed)
+        return self._advance_listed(tokens, active, None)
+
+    def _advance_listed(self, tokens, active, listed) -> None:
         self._finish_pending()  # advance without apply: finish the stray mask first
         self._prepared = None
         self._steps += 1
@@ -567,17 +589,17 @@ class BatchConstraint:
             return
         started = time.perf_counter()
         try:
-            self._advance(tokens, active)
+            self._advance(tokens, active, listed)
         finally:
             self._timings["advance"].append(time.perf_counter() - started)
 
-    def _advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
+    def _advance(self, tokens, active, listed: list[bool] | None) -> None:
         toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         act = active.tolist() if isinstance(active, torch.Tensor) else list(active)
         pairs: list[tuple[llguidance.LLMatcher, int]] = []
         pair_rows: list[int] = []
         for i in self._rows:
-            if not self._live[i]:
+            if not self._live[i] or (listed is not None and not listed[i]):
                 continue
             if not act[i]:
                 self._live[i] = False

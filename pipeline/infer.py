@@ -91,26 +91,21 @@ class ShardInferencer:
         lengths = [len(p.prompt) for p in prepared]
         budgets = [p.params.max_tokens for p in prepared]
         buckets = pack_batches(lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows)
-        # Parsing a wave in a thread behind the engine measured no faster on 2 cores: openai-harmony
+        # Parsing a run in a thread behind the engine measured no faster on 2 cores: openai-harmony
         # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
-        for rows, completions, errors in self._run_waves(prepared, lengths, budgets, buckets, stats):
+        for rows, completions, errors in self._run_refill_runs(prepared, lengths, budgets, buckets, stats):
             for row, completion, constraint_error in zip(rows, completions, errors):
                 results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
         return results, stats
 
-    def _run_waves(self, prepared, lengths, budgets, buckets, stats):
-        """Unconstrained rows run in refill runs (a freed KV slot takes the next row); rows under a
-        grammar run in static waves, because their matchers are indexed by batch row."""
+    def _run_refill_runs(self, prepared, lengths, budgets, buckets, stats):
+        """Refill runs: consecutive buckets share a KV cache whose freed slots take the next row."""
         s = self.settings
-        free = [b for b in ([m for m in bucket if prepared[m].grammar is None] for bucket in buckets) if b]
-        constrained = [b for b in ([m for m in bucket if prepared[m].grammar is not None] for bucket in buckets) if b]
-        plan = list(_refill_runs(free, lengths, budgets, s.batch_tokens, s.max_batch_rows))
-        plan += [(wave, None) for wave in _waves(constrained, lengths, budgets, s.batch_tokens, s.max_batch_rows)]
-        for wave, slots in plan:
-            members = [m for bucket in wave for m in bucket]
+        for run, slots in _refill_runs(buckets, lengths, budgets, s.batch_tokens, s.max_batch_rows):
+            members = [m for bucket in run for m in bucket]
             rows = [prepared[m] for m in members]
             position = {m: i for i, m in enumerate(members)}
-            groups = [[position[m] for m in bucket] for bucket in wave]
+            groups = [[position[m] for m in bucket] for bucket in run]
             constraint = _batch_constraint(rows, self.model.config.vocab_size)
             started = time.perf_counter()
             completions, gen = generate(
@@ -185,25 +180,6 @@ class ShardInferencer:
         if self.settings.logprobs:
             result["output_logprobs"] = completion.logprobs
         return result
-
-
-def _waves(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):
-    """Consecutive length buckets merged into one static batch while it stays under
-    the budgets: each bucket prefills on its own (little padding), the wave decodes
-    together (a wide batch, which is what a decode step's weight reads pay for)."""
-    wave: list[list[int]] = []
-    rows = longest = answer = 0
-    for bucket in buckets:
-        b_longest = max(lengths[i] for i in bucket)
-        b_answer = max(budgets[i] for i in bucket)
-        if wave and ((rows + len(bucket)) * (max(longest, b_longest) + max(answer, b_answer)) > batch_tokens
-                     or rows + len(bucket) > max_rows):
-            yield wave
-            wave, rows, longest, answer = [], 0, 0, 0
-        wave.append(bucket)
-        rows, longest, answer = rows + len(bucket), max(longest, b_longest), max(answer, b_answer)
-    if wave:
-        yield wave
 
 
 def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):

@@ -144,5 +144,3 @@ def test_slots_are_checked(checkpoint):
     prompts, params = _prompts(1)[:2], [SamplingParams(max_tokens=2)] * 2
     with pytest.raises(ValueError, match="slots must be from 1 to the number of rows"):
         generate(model, prompts, params, [], slots=3)
-    with pytest.raises(ValueError, match="one slot per row"):
-        generate(model, prompts, params, [], constraint=object(), slots=1)

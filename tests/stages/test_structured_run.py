@@ -64,3 +64,19 @@ def test_job_wide_schema_flag(tiny_model_dir, tmp_path):
     results = _run(tiny_model_dir, tmp_path, [{"id": f"s{i}", "prompt": "Classify"} for i in range(3)], "--schema", str(schema))
     assert all(r["schema_valid"] for r in results.values() if r["status"] == "ok")
     assert any(r["status"] == "ok" for r in results.values())
+
+
+def test_constrained_rows_in_refilled_slots_match_a_wide_batch(tiny_model_dir, tmp_path):
+    """Three KV slots for ten rows: a constrained row that takes a freed slot keeps its own matcher."""
+    rows = [{"id": f"label-{i}", "prompt": f"Review {i}: " + "fine " * i, "schema": LABEL} for i in range(5)]
+    rows += [{"id": f"free-{i}", "prompt": f"Say {i}", "max_tokens": 3 + 4 * i} for i in range(3)]
+    rows += [{"id": f"extract-{i}", "prompt": f"Doc {i}", "schema": EXTRACT} for i in range(2)]
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "narrow").mkdir()
+    wide = _run(tiny_model_dir, tmp_path / "wide", rows)
+    narrow = _run(tiny_model_dir, tmp_path / "narrow", rows, "--max-batch-rows", "3")
+    assert set(narrow) == set(wide)
+    for rid, row in wide.items():
+        assert narrow[rid]["output_token_ids"] == row["output_token_ids"], rid
+        assert narrow[rid]["status"] == row["status"] and narrow[rid]["schema_valid"] == row["schema_valid"]
+    assert all(r["schema_valid"] for r in narrow.values() if r["status"] == "ok" and r["id"].startswith(("label", "extract")))

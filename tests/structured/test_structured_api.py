@@ -270,3 +270,23 @@ def test_bitmask_unpacking_numpy_and_torch_agree():
     assert a[0, :4].tolist() == [False, True, False, True]
     assert not a[1, -1] and a[1, -32:-1].all()
     assert torch.equal(C._banned_numpy(bitmask, 1000), a[:, :1000])
+
+
+def test_rows_of_a_step_mask_and_advance_only_those_rows():
+    """With `rows`, logits hold just the step's rows (in any order); rows not listed keep their state."""
+    enc = C.harmony_encoding()
+    g = C.compile_row_grammar(LABEL, None)
+    bc = C.BatchConstraint([g, None, g, g], C.TOKENIZER_VOCAB_SIZE + 64)
+    bc.prepare([3, 1])
+    logits = torch.zeros(2, C.TOKENIZER_VOCAB_SIZE + 64)
+    bc.apply(logits, [3, 1])
+    assert torch.isfinite(logits[0]).sum() == 1 and logits[0, C.CHANNEL] == 0  # row 3: only <|channel|>
+    assert torch.equal(logits[1], torch.zeros_like(logits[1]))  # row 1: unconstrained
+    bc.advance(torch.tensor([C.CHANNEL, 5]), torch.tensor([True, True]), rows=[3, 1])
+    # Row 3 moved on to the channel name; rows 0 and 2 (not yet in a step) still start at <|channel|>.
+    bc.prepare([0, 3])
+    logits = torch.zeros(2, C.TOKENIZER_VOCAB_SIZE + 64)
+    bc.apply(logits, [0, 3])
+    assert torch.isfinite(logits[0]).sum() == 1 and logits[0, C.CHANNEL] == 0
+    assert logits[1, C.CHANNEL] == -math.inf and logits[1, enc.encode("final")[0]] == 0
+    assert bc.errors() == [None] * 4
