@@ -1,8 +1,9 @@
-"""The generation loop for one static batch: prefill, then decode until every
-row stops on a stop token or reaches its max tokens.
+"""The generation loop: prefill, then decode until every row stops on a stop
+token or reaches its max tokens.
 
-Rows that have stopped leave the batch: later forward passes compute only the
-rows still generating (counted in `decode_slots`).  An optional constraint
+Rows that have stopped leave the batch (later forward passes compute only the
+rows still generating, counted in `decode_slots`), and with fewer KV-cache
+slots than rows their slots go to waiting rows. An optional constraint
 (structured outputs) masks each step's logits; its masks are computed while
 the model runs the forward pass.
 """

@@ -1,9 +1,10 @@
-"""A preallocated KV cache for a static batch.
+"""A preallocated KV cache of a fixed number of slots (rows).
 
-Row b's keys and values for position p live at ``[layer][b, p]``: a row's
-tokens start at index 0 whatever its neighbours' lengths, so positions never
-need padding offsets, and per-row lengths (kept by the generation loop) say
-what is valid.
+Slot b's keys and values for position p live at ``[layer][b, p]``: a row's
+tokens start at index 0 of its slot whatever its neighbours' lengths, so
+positions never need padding offsets, and per-slot lengths (kept by the
+generation loop) say what is valid. A slot handed to a new row is not
+cleared: everything past the new row's length is masked out.
 """
 
 import torch

@@ -183,27 +183,29 @@ class ShardInferencer:
 
 
 def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):
-    """Consecutive length buckets sharing one KV cache of ``slots`` rows, each ``width`` = longest
-    prompt + largest budget of the run, with ``slots * width <= batch_tokens`` (the memory a static
-    wave may use). A run takes buckets while its width grows by at most a third, so one long row
-    does not narrow the cache for every short one. Yields (buckets, slots)."""
+    """Consecutive length buckets sharing one KV cache of ``slots`` rows, each as wide as the run's
+    longest prompt + largest budget, with ``slots * width <= batch_tokens`` (the memory a static
+    batch may use). A bucket joins the run unless its width would cut the slots by more than a
+    quarter where they bind, so one long row does not narrow the cache for every short one.
+    Yields (buckets, slots)."""
     run: list[list[int]] = []
-    first_width = width = 0
+    rows = width = first_cap = 0
     for bucket in buckets:
         b_width = max(lengths[i] for i in bucket) + max(budgets[i] for i in bucket)
-        if run and max(width, b_width) * 3 > first_width * 4:
-            yield run, _slots(run, width, batch_tokens, max_rows)
-            run = []
+        wider = _slot_cap(max(width, b_width), batch_tokens, max_rows)
+        if run and wider < rows + len(bucket) and wider * 4 < first_cap * 3:
+            yield run, min(_slot_cap(width, batch_tokens, max_rows), rows)
+            run, rows, width = [], 0, 0
         if not run:
-            first_width = width = b_width
+            first_cap = _slot_cap(b_width, batch_tokens, max_rows)
         run.append(bucket)
-        width = max(width, b_width)
+        rows, width = rows + len(bucket), max(width, b_width)
     if run:
-        yield run, _slots(run, width, batch_tokens, max_rows)
+        yield run, min(_slot_cap(width, batch_tokens, max_rows), rows)
 
 
-def _slots(run: list[list[int]], width: int, batch_tokens: int, max_rows: int) -> int:
-    return max(1, min(max_rows, batch_tokens // width, sum(map(len, run))))
+def _slot_cap(width: int, batch_tokens: int, max_rows: int) -> int:
+    return max(1, min(max_rows, batch_tokens // max(width, 1)))
 
 
 def _batch_constraint(rows: list[_Prepared], vocab_size: int):
