@@ -500,7 +500,7 @@ class BatchConstraint:
         self._pool: ThreadPoolExecutor | None = _mask_pool() if self._rows else None
         self._pending: Future | None = None
         self._prepared: tuple[list[int], torch.Tensor] | None = None
-        self._steps = 0
+        self._consumed = [0] * self.batch_size  # tokens each row's matcher has taken
         self._timings: dict[str, list[float]] = {"mask": [], "wait": [], "apply": [], "advance": []}
 
     # -- protocol ---------------------------------------------------------------------
@@ -584,7 +584,6 @@ class BatchConstraint:
     def _advance_listed(self, tokens, active, listed) -> None:
         self._finish_pending()  # advance without apply: finish the stray mask first
         self._prepared = None
-        self._steps += 1
         if not self._rows:
             return
         started = time.perf_counter()
@@ -621,8 +620,9 @@ class BatchConstraint:
                 self._fail(i, f"constraint matcher failed: {err}")
             return
         for i, (m, t), good in zip(pair_rows, pairs, ok):
+            self._consumed[i] += 1
             if not good:
-                self._fail(i, f"token {t} ({self._describe(t)}) rejected by the grammar at step {self._steps}: "
+                self._fail(i, f"token {t} ({self._describe(t)}) rejected by the grammar at token {self._consumed[i]}: "
                               f"{_clean_llg_error(m.get_error())}")
 
     def errors(self) -> list[str | None]:

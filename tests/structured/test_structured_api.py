@@ -215,7 +215,7 @@ def test_rejected_token_fails_row_and_forces_return():
     bad = enc.encode("hello")[0]
     bc.advance(torch.tensor([bad, C.CHANNEL]), torch.tensor([True, True]))
     errs = bc.errors()
-    assert errs[0] is not None and "rejected" in errs[0] and str(bad) in errs[0]
+    assert errs[0] is not None and "rejected" in errs[0] and str(bad) in errs[0] and "at token 1:" in errs[0]
     assert errs[1] is None
     bc.prepare()
     logits = torch.zeros(2, C.TOKENIZER_VOCAB_SIZE)
