@@ -52,7 +52,7 @@ class TokenConstraint(Protocol):
 
     def apply(self, logits: torch.Tensor, rows: list[int]) -> None: ...  # [len(rows), V]: disallowed -> -inf, in place
 
-    def advance(self, tokens: torch.Tensor, active: torch.Tensor, rows: list[int]) -> None: ...  # the sampled tokens
+    def advance(self, tokens: torch.Tensor, rows: list[int]) -> None: ...  # the rows' sampled tokens
 
 
 @dataclass
@@ -186,7 +186,7 @@ def generate(
         last_token[live] = next_tokens
         count[live] += 1
         if constraint is not None:
-            constraint.advance(next_tokens, torch.ones(live.numel(), dtype=torch.bool), rows=live.tolist())
+            constraint.advance(next_tokens, rows=live.tolist())
 
         stopped = torch.isin(next_tokens, stops)
         ended = stopped | (count[live] >= settings.max_tokens[live])

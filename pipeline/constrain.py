@@ -567,45 +567,36 @@ class BatchConstraint:
             if view.shape[1] > self.tok_vocab:
                 view[:, self.tok_vocab :] = -math.inf
 
-    def advance(self, tokens: torch.Tensor, active: torch.Tensor, rows: Sequence[int] | None = None) -> None:
-        """Consume each active constrained row's sampled token; a rejected token fails the row.
-        ``tokens``/``active`` are per batch row, or per entry of ``rows`` when given (rows not
-        listed wait, untouched: they are not in this step)."""
-        if rows is not None:
-            toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-            act = active.tolist() if isinstance(active, torch.Tensor) else list(active)
-            full_tokens, full_active = [0] * self.batch_size, [True] * self.batch_size
-            listed = [False] * self.batch_size
-            for r, t, a in zip(rows, toks, act):
-                full_tokens[int(r)], full_active[int(r)], listed[int(r)] = t, a, True
-            return self._advance_listed(full_tokens, full_active, listed)
-        return self._advance_listed(tokens, active, None)
-
-    def _advance_listed(self, tokens, active, listed) -> None:
+    def advance(self, tokens: torch.Tensor, active: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> None:
+        """Consume each active constrained row's sampled token; a rejected token fails the row; a row
+        seen inactive is finished. ``tokens``/``active`` (default: all active) are per batch row, or
+        per entry of ``rows`` when given (rows not listed wait, untouched: they are not in this step)."""
         self._finish_pending()  # advance without apply: finish the stray mask first
         self._prepared = None
         if not self._rows:
             return
         started = time.perf_counter()
+        toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        act = [True] * len(toks) if active is None else active.tolist() if isinstance(active, torch.Tensor) else list(active)
+        entries = zip(range(self.batch_size) if rows is None else map(int, rows), toks, act)
         try:
-            self._advance(tokens, active, listed)
+            self._advance(entries)
         finally:
             self._timings["advance"].append(time.perf_counter() - started)
 
-    def _advance(self, tokens, active, listed: list[bool] | None) -> None:
-        toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        act = active.tolist() if isinstance(active, torch.Tensor) else list(active)
+    def _advance(self, entries) -> None:
+        """``entries``: (batch row, sampled token, active) for the rows of this step."""
         pairs: list[tuple[llguidance.LLMatcher, int]] = []
         pair_rows: list[int] = []
-        for i in self._rows:
-            if not self._live[i] or (listed is not None and not listed[i]):
+        for i, token, is_active in entries:
+            if not self._live[i]:  # unconstrained, or finished
                 continue
-            if not act[i]:
+            if not is_active:
                 self._live[i] = False
                 continue
             if self._errors[i] is not None:
                 continue
-            t = int(toks[i])
+            t = int(token)
             if not 0 <= t < self.tok_vocab:
                 self._fail(i, f"token {t} is outside the tokenizer vocabulary ({self.tok_vocab})")
                 continue

@@ -91,17 +91,8 @@ class ShardInferencer:
         lengths = [len(p.prompt) for p in prepared]
         budgets = [p.params.max_tokens for p in prepared]
         buckets = pack_batches(lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows)
-        # Parsing a run in a thread behind the engine measured no faster on 2 cores: openai-harmony
-        # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
-        for rows, completions, errors in self._run_refill_runs(prepared, lengths, budgets, buckets, stats):
-            for row, completion, constraint_error in zip(rows, completions, errors):
-                results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
-        return results, stats
-
-    def _run_refill_runs(self, prepared, lengths, budgets, buckets, stats):
-        """Refill runs: consecutive buckets share a KV cache whose freed slots take the next row."""
-        s = self.settings
-        for run, slots in _refill_runs(buckets, lengths, budgets, s.batch_tokens, s.max_batch_rows):
+        # Each run of buckets shares one KV cache whose freed slots take the run's next row.
+        for run, slots in _refill_runs(buckets, lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows):
             members = [m for bucket in run for m in bucket]
             rows = [prepared[m] for m in members]
             position = {m: i for i, m in enumerate(members)}
@@ -123,7 +114,11 @@ class ShardInferencer:
             stats["decode_slots"] += gen.decode_slots
             stats["batches"] += 1
             errors = constraint.errors() if constraint is not None else [None] * len(rows)
-            yield rows, completions, errors
+            # Parsing in a thread behind the engine measured no faster on 2 cores: openai-harmony
+            # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
+            for row, completion, constraint_error in zip(rows, completions, errors):
+                results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
+        return results, stats
 
     def _prepare(self, index: int, request: dict) -> _Prepared:
         s = self.settings
