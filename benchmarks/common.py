@@ -11,7 +11,7 @@ _shared = ROOT.parent / "shared" / "tiktoken"
 if (_shared / "o200k_base.tiktoken").exists():
     os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(_shared))
 
-from engine.tiny_model import preset_config, write_random_checkpoint  # noqa: E402
+from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 
@@ -38,7 +38,7 @@ def prompts_text(count: int = 32, low: int = 20, high: int = 200, seed: int = 0)
 
 
 def rendered_prompts(count: int = 32, seed: int = 0) -> list[list[int]]:
-    from pipeline.render import render_prompt
+    from ossbatch.pipeline.render import render_prompt
 
     return [render_prompt([{"role": "user", "content": text}]) for text in prompts_text(count, seed=seed)]
 

@@ -24,7 +24,7 @@ import time
 import torch
 from common import bench_model_dir, prompts_text, table
 
-from pipeline import constrain as C
+from ossbatch.pipeline import constrain as C
 
 LABEL_SCHEMA = {
     "type": "object",
@@ -84,7 +84,7 @@ def engine_overhead(batch: int, new_tokens: int, model, prompts: list[list[int]]
     """ms per generated token with and without constraints, the same work in both: no stop
     tokens, so every row runs `new_tokens` steps (a finished constrained row keeps sampling
     `<|return|>`, the only token its grammar then allows).  Runs alternate; best of `repeats`."""
-    from engine.generate import SamplingParams, generate
+    from ossbatch.engine.generate import SamplingParams, generate
 
     grammar = C.compile_row_grammar(json.dumps(LABEL_SCHEMA), 16)
     params = [SamplingParams(max_tokens=new_tokens, temperature=0.0)] * batch
@@ -132,8 +132,8 @@ def main():
 
     if args.skip_engine:
         return
-    from engine.model import Transformer
-    from pipeline.render import render_prompt
+    from ossbatch.engine.model import Transformer
+    from ossbatch.pipeline.render import render_prompt
 
     model = Transformer.from_checkpoint(bench_model_dir(), torch.float32, expert_cache_bytes=1 << 30)
     section = C.response_format_section(json.dumps(LABEL_SCHEMA), "sentiment")

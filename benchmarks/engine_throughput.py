@@ -13,8 +13,8 @@ import time
 import torch
 from common import bench_model_dir, rendered_prompts, table
 
-from engine.generate import SamplingParams, generate
-from engine.model import Transformer
+from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.model import Transformer
 
 
 def ours(model, prompts, batch, new_tokens) -> tuple[int, float]:

@@ -9,7 +9,7 @@ slots are free, so its batch averages ~15/16 full; this model assumes full).
 Assumptions, stated so they can be argued with:
 - ShareGPT-like lengths: prompts lognormal (median 120, sigma 1.0, capped 4096),
   outputs lognormal (median 130, sigma 1.0, capped 4096) -- means ~200 / ~215 tokens.
-- A decode step's time is its roofline (benchmarks/kernels.py decode_step_estimate):
+- A decode step's time is its roofline (benchmarks/kernel_roofline.py decode_step_estimate):
   max(bytes / 3.35 TB/s, FLOPs / 990 TFLOP/s) over every weight and KV byte it must read.
 - Prefill is compute-bound at 50% of the bf16 peak.
 - Static batch: rows sorted by prompt length, `batch` rows at a time; the batch
@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0:0] = [str(ROOT)]
 
-from engine.config import GPT_OSS_120B  # noqa: E402
+from ossbatch.engine.config import GPT_OSS_120B  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kernel_bench", ROOT / "benchmarks" / "kernel_roofline.py")
 kernel_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_bench)
 

@@ -28,7 +28,7 @@ import torch
 from common import CACHE, ROOT, bench_model_dir, prompts_text, rendered_prompts, table
 from engine_throughput import transformers_generate
 
-from engine.config import ModelConfig, read_config
+from ossbatch.engine.config import ModelConfig, read_config
 
 GIB = 1 << 30
 
@@ -36,7 +36,7 @@ GIB = 1 << 30
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, onednn_precision: str = "ieee") -> float:
     """float32 `torch.mm` at n^3; with onednn_precision="bf16", oneDNN's bf16 fpmath mode (what
     `--fp32-matmul auto` picks when its probe shows float32-level error)."""
-    from engine.precision import onednn_fp32_precision
+    from ossbatch.engine.precision import onednn_fp32_precision
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     with onednn_fp32_precision(onednn_precision):
@@ -77,7 +77,7 @@ def bench_cpu_throughput(new_tokens: int = 24) -> dict:
         inp = Path(tmp) / "prompts.jsonl"
         inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(prompts_text(32))))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.cli", "run", "--model", str(path), "--input", str(inp), "--output",
+        subprocess.run([sys.executable, "-m", "ossbatch.flows.cli", "run", "--model", str(path), "--input", str(inp), "--output",
                         str(Path(tmp) / "out"), "--max-tokens", str(new_tokens), "--temperature", "0", "--orchestrator",
                         "none", "--quiet"], check=True, cwd=ROOT)
         wall = time.perf_counter() - started
@@ -96,9 +96,9 @@ def bench_cpu_throughput(new_tokens: int = 24) -> dict:
 def bench_decode_waste(rows: int = 256, slots: int = 32) -> dict:
     """Long-tailed answer lengths (lognormal budgets, no early stop) on `slots` KV-cache rows:
     static batches whose finished rows leave, against refilling freed slots from the queue."""
-    from engine.generate import SamplingParams, generate
-    from engine.model import Transformer
-    from engine.tiny_model import TINY, write_random_checkpoint
+    from ossbatch.engine.generate import SamplingParams, generate
+    from ossbatch.engine.model import Transformer
+    from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
 
     rng = random.Random(0)
     budgets = [max(1, min(256, int(rng.lognormvariate(2.5, 1.0)))) for _ in range(rows)]
@@ -125,7 +125,7 @@ def bench_decode_waste(rows: int = 256, slots: int = 32) -> dict:
 
 
 def bench_padding(rows: int = 1500) -> dict:
-    from pipeline.bucket import pack_batches
+    from ossbatch.pipeline.bucket import pack_batches
 
     rng = random.Random(1)
     lengths = [max(8, int(rng.lognormvariate(5.0, 0.9))) for _ in range(rows)]
@@ -142,13 +142,13 @@ def bench_padding(rows: int = 1500) -> dict:
 # Where a job's time goes: (module, attribute, label). Reading runs in a thread ahead of the engine,
 # so its seconds overlap the engine's.
 _STAGES = [
-    ("engine.model", "Transformer.forward", "forward passes"),
-    ("pipeline.infer", "generate", "generate() (forward + sampling, KV cache, stops)"),
-    ("pipeline.job", "read_shard", "read + validate (thread, ahead)"),
-    ("pipeline.infer", "ShardInferencer._prepare", "render (harmony) + sampling params"),
-    ("pipeline.infer", "ShardInferencer._result", "parse (harmony) + result rows"),
-    ("pipeline.job", "commit_shard", "write Parquet + commit"),
-    ("pipeline.job", "plan_job", "plan (scan inputs, shards)"),
+    ("ossbatch.engine.model", "Transformer.forward", "forward passes"),
+    ("ossbatch.pipeline.infer", "generate", "generate() (forward + sampling, KV cache, stops)"),
+    ("ossbatch.pipeline.job", "read_shard", "read + validate (thread, ahead)"),
+    ("ossbatch.pipeline.infer", "ShardInferencer._prepare", "render (harmony) + sampling params"),
+    ("ossbatch.pipeline.infer", "ShardInferencer._result", "parse (harmony) + result rows"),
+    ("ossbatch.pipeline.job", "commit_shard", "write Parquet + commit"),
+    ("ossbatch.pipeline.job", "plan_job", "plan (scan inputs, shards)"),
 ]
 
 
@@ -177,8 +177,8 @@ def _timed_stages(seconds: dict):
 
 def bench_pipeline_overhead(rows: int = 20000) -> dict:
     """A 20k-row job on the tiny model, in process; forward passes timed apart from everything else."""
-    from engine.tiny_model import TINY, write_random_checkpoint
-    from flows.cli import main as cli
+    from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
+    from ossbatch.flows.cli import main as cli
 
     seconds: dict[str, float] = {}
     patched = _timed_stages(seconds)
@@ -202,7 +202,7 @@ def bench_pipeline_overhead(rows: int = 20000) -> dict:
 def bench_20b_memory() -> dict:
     path = CACHE / "gpt-oss-20b-random"
     if not (path / "model.safetensors.index.json").exists():
-        subprocess.run([sys.executable, "-m", "flows.cli", "make-tiny-model", str(path), "--preset", "gpt-oss-20b",
+        subprocess.run([sys.executable, "-m", "ossbatch.flows.cli", "make-tiny-model", str(path), "--preset", "gpt-oss-20b",
                         "--layers-per-shard", "4"], check=True, cwd=ROOT)
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     code = (
@@ -226,7 +226,7 @@ def main():
     parser.add_argument("--pipeline-rows", type=int, default=20000)
     args = parser.parse_args()
 
-    from engine.precision import bf16_mode_keeps_fp32_accuracy
+    from ossbatch.engine.precision import bf16_mode_keeps_fp32_accuracy
 
     peak = matmul_peak_gflops()
     fast_peak = matmul_peak_gflops(onednn_precision="bf16") if bf16_mode_keeps_fp32_accuracy() else peak

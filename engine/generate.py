@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from engine.kv_cache import KVCache
-from engine.model import Step, Transformer
-from engine.sampling import sample
+from ossbatch.engine.kv_cache import KVCache
+from ossbatch.engine.model import Step, Transformer
+from ossbatch.engine.sampling import sample
 
 
 @dataclass

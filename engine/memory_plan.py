@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from engine.config import ModelConfig
+from ossbatch.engine.config import ModelConfig
 
 GIB = 1 << 30
 MXFP4_BYTES_PER_32 = 17

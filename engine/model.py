@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
-from engine.kv_cache import KVCache
-from engine.precision import onednn_fp32_precision, resolve_fp32_matmul
-from engine.weights import LayerWeights, ModelWeights, load_weights
-from kernels import Ops, ops
-from kernels.mxfp4 import dequantize_mxfp4
+from ossbatch.engine.config import ModelConfig
+from ossbatch.engine.kv_cache import KVCache
+from ossbatch.engine.precision import onednn_fp32_precision, resolve_fp32_matmul
+from ossbatch.engine.weights import LayerWeights, ModelWeights, load_weights
+from ossbatch.kernels import Ops, ops
+from ossbatch.kernels.mxfp4 import dequantize_mxfp4
 
 
 @dataclass

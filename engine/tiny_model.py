@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import PRESETS, ModelConfig
-from engine.weights import U8, hf_tensor_specs, save_hf_checkpoint, save_original_checkpoint
+from ossbatch.engine.config import PRESETS, ModelConfig
+from ossbatch.engine.weights import U8, hf_tensor_specs, save_hf_checkpoint, save_original_checkpoint
 
 TINY = ModelConfig(
     num_hidden_layers=2,

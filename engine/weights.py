@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import CheckpointError, ModelConfig, read_config
+from ossbatch.engine.config import CheckpointError, ModelConfig, read_config
 
 BF16 = torch.bfloat16
 U8 = torch.uint8

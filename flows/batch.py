@@ -11,10 +11,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
-from flows.engine_spec import EngineSpec
-from flows.progress import Progress
-from flows.shard import run_one_shard
-from pipeline.job import JobPlan, JobSpec, finalize_job, pending_shards, plan_job
+from ossbatch.flows.engine_spec import EngineSpec
+from ossbatch.flows.progress import Progress
+from ossbatch.flows.shard import run_one_shard
+from ossbatch.pipeline.job import JobPlan, JobSpec, finalize_job, pending_shards, plan_job
 
 __all__ = ["batch_inference", "run_one_shard", "shard_task"]
 
@@ -64,7 +64,7 @@ def batch_inference(job: dict, engine: dict, runner: str = "local", ray_address:
                         publish=_progress_artifact(plan, pending))
     get_run_logger().info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
     if runner == "ray":
-        from flows.ray_runner import run_shards_on_ray
+        from ossbatch.flows.ray_runner import run_shards_on_ray
 
         run_shards_on_ray(plan, pending, spec, ray_address, progress, workers=ray_workers)
     else:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import CheckpointError
+from ossbatch.engine.config import CheckpointError
 
 
 def _offline_defaults():
@@ -83,7 +83,7 @@ def _read_schema_file(path: str) -> str:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from engine.tiny_model import preset_config, write_random_checkpoint
+    from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
     config = preset_config(
         args.preset,
@@ -103,7 +103,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def _run_settings(args):
-    from pipeline.infer import RunSettings
+    from ossbatch.pipeline.infer import RunSettings
 
     return RunSettings(
         temperature=args.temperature,
@@ -121,22 +121,22 @@ def _run_settings(args):
 
 
 def cmd_run(args) -> int:
-    from flows.jobs import make_job
+    from ossbatch.flows.jobs import make_job
 
     job, engine = make_job(args.model, args.input, args.output, _run_settings(args), dtype=args.dtype,
                            backend=args.backend, device=args.device, fp32_matmul=args.fp32_matmul, shard_rows=args.shard_rows,
                            storage_options=args.storage_options or {}, overwrite=args.overwrite)
     if args.orchestrator == "prefect":
-        from flows.batch import batch_inference
+        from ossbatch.flows.batch import batch_inference
 
         batch_inference(job, engine, runner=args.runner, ray_address=args.ray_address, quiet=args.quiet,
                         ray_workers=args.ray_workers)
     else:
         if args.runner != "local":
             raise ValueError("--runner ray needs --orchestrator prefect (shards are Prefect tasks)")
-        from flows.engine_spec import EngineSpec, inferencer
-        from flows.progress import Progress
-        from pipeline.job import JobSpec, run_job_locally
+        from ossbatch.flows.engine_spec import EngineSpec, inferencer
+        from ossbatch.flows.progress import Progress
+        from ossbatch.pipeline.job import JobSpec, run_job_locally
 
         spec = EngineSpec(**engine)
         progress: list[Progress] = []
@@ -151,14 +151,14 @@ def cmd_run(args) -> int:
         manifest = run_job_locally(JobSpec(**job), lambda requests: inferencer(spec)(requests), report)
         progress[0].close(manifest)
     if not args.quiet:
-        from pipeline.inspect import format_manifest
+        from ossbatch.pipeline.inspect import format_manifest
 
         print(format_manifest(args.output, args.storage_options or {}))
     return 0
 
 
 def _job_options(args):
-    from flows.jobs import JobOptions
+    from ossbatch.flows.jobs import JobOptions
 
     return JobOptions(
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
@@ -170,7 +170,7 @@ def _job_options(args):
 
 
 def cmd_label(args) -> int:
-    from flows.nightly import label_job
+    from ossbatch.flows.nightly import label_job
 
     labels = args.labels if args.labels else _read_json_file("--labels-file", args.labels_file)
     summary = label_job(args.model, args.input, args.output, labels, gold_column=args.gold_column,
@@ -184,7 +184,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from flows.nightly import synth_job
+    from ossbatch.flows.nightly import synth_job
 
     schema = _read_json_file("--schema", args.schema) if args.schema else None
     summary = synth_job(args.model, args.input, args.output, n=args.n, dedupe=args.dedupe, answer_schema=schema,
@@ -196,7 +196,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flows.nightly import eval_job
+    from ossbatch.flows.nightly import eval_job
 
     schema = _read_json_file("--schema", args.schema) if args.schema else None
     summary = eval_job(
@@ -212,20 +212,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.schedules import default_prefect_file, serve
+    from ossbatch.flows.schedules import default_prefect_file, serve
 
     return serve(args.prefect_file or default_prefect_file(), args.deployment or None, limit=args.limit)
 
 
 def cmd_deploy(args) -> int:
-    from flows.schedules import default_prefect_file, deploy
+    from ossbatch.flows.schedules import default_prefect_file, deploy
 
     return deploy(args.prefect_file or default_prefect_file(), args.pool)
 
 
 def cmd_plan(args) -> int:
-    from engine.config import read_config
-    from engine.memory_plan import format_plan, parse_bytes, plan_memory
+    from ossbatch.engine.config import read_config
+    from ossbatch.engine.memory_plan import format_plan, parse_bytes, plan_memory
 
     try:
         gpu_bytes = parse_bytes(args.gpu_memory)
@@ -236,7 +236,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.inspect import format_manifest
+    from ossbatch.pipeline.inspect import format_manifest
 
     print(format_manifest(args.output, args.storage_options or {}, max_failures=args.failures))
     return 0
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         _interpret_triton_without_gpu()
     if getattr(args, "quiet", False):
         _quiet_console()
-    from pipeline.storage import InputError
+    from ossbatch.pipeline.storage import InputError
 
     try:
         return args.func(args)

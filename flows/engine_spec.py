@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from pipeline.infer import RunSettings, ShardInferencer
+from ossbatch.pipeline.infer import RunSettings, ShardInferencer
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from pipeline.storage import InputError, atomic_open, exists, filesystem, join, write_json_atomic
-from pipeline.write import SOURCE_KEY, write_parquet
+from ossbatch.pipeline.storage import InputError, atomic_open, exists, filesystem, join, write_json_atomic
+from ossbatch.pipeline.write import SOURCE_KEY, write_parquet
 
 JOB_DIR = "job"
 DATE_FIELD = "{date}"
@@ -57,7 +57,7 @@ class JobOptions(BaseModel):
     ray_workers: int | None = Field(None, ge=1)
 
     def run_settings(self, schema: dict | str | None = None, **extra):
-        from pipeline.infer import RunSettings
+        from ossbatch.pipeline.infer import RunSettings
 
         if isinstance(schema, dict):
             schema = json.dumps(schema, sort_keys=True)
@@ -72,9 +72,9 @@ def make_job(model: str, inputs: list[str] | str, output: str, settings, *, dtyp
              backend: str = "torch", shard_rows: int = 10_000, storage_options: dict | None = None,
              overwrite: bool = False, device: str = "auto", fp32_matmul: str = "auto") -> tuple[dict, dict]:
     """(JobSpec fields, EngineSpec fields) for `batch_inference`; refuses a bad model before any work."""
-    from engine.config import read_config
-    from engine.weights import checkpoint_fingerprint
-    from flows.engine_spec import EngineSpec
+    from ossbatch.engine.config import read_config
+    from ossbatch.engine.weights import checkpoint_fingerprint
+    from ossbatch.flows.engine_spec import EngineSpec
 
     config = read_config(model)
     engine = EngineSpec.build(model, settings, dtype, backend, device=device, fp32_matmul=fp32_matmul)
@@ -127,7 +127,7 @@ def check_columns(inputs, storage_options: dict | None, columns: dict[str, str],
     ``peek`` rows, instead of after the whole job has run."""
     from itertools import islice
 
-    from pipeline.read import read_requests
+    from ossbatch.pipeline.read import read_requests
 
     seen: set[str] = set()
     for request in islice(read_requests(inputs, storage_options), peek):

@@ -22,13 +22,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from flows import grading, synthetic
-from flows.batch import batch_inference
-from flows.jobs import (
+from ossbatch.flows import grading, synthetic
+from ossbatch.flows.batch import batch_inference
+from ossbatch.flows.jobs import (
     JobOptions, check_columns, column_named, input_stem, job_for, part_tables, parquet_sink, read_json_lines,
     resolve_output, slug, write_json, write_json_lines, write_table,
 )
-from pipeline.storage import join
+from ossbatch.pipeline.storage import join
 
 
 def _run_date():

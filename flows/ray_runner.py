@@ -18,9 +18,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from flows.engine_spec import EngineSpec
-from flows.progress import Progress
-from pipeline.job import JobPlan
+from ossbatch.flows.engine_spec import EngineSpec
+from ossbatch.flows.progress import Progress
+from ossbatch.pipeline.job import JobPlan
 
 # Workers of a cluster we start inherit the driver's environment; these also
 # reach the nodes of one we connect to.
@@ -69,7 +69,7 @@ def run_shards_on_ray(plan: JobPlan, pending: list[int], spec: EngineSpec, ray_a
         return []
     import ray
 
-    from flows.ray_worker import ShardWorker
+    from ossbatch.flows.ray_worker import ShardWorker
 
     logger = get_run_logger()
     started_here = not ray.is_initialized()

@@ -7,9 +7,9 @@ code run in a worker would start a Prefect server of its own.
 import socket
 from dataclasses import replace
 
-from flows.engine_spec import EngineSpec, inferencer
-from flows.shard import run_one_shard
-from pipeline.job import JobPlan
+from ossbatch.flows.engine_spec import EngineSpec, inferencer
+from ossbatch.flows.shard import run_one_shard
+from ossbatch.pipeline.job import JobPlan
 
 
 class ShardWorker:

@@ -57,7 +57,7 @@ def load_flow(entrypoint: str, root: Path):
     from prefect.flows import load_flow_from_entrypoint
 
     path, _, function = entrypoint.rpartition(":")
-    module_name = Path(path).with_suffix("").as_posix().replace("/", ".")
+    module_name = "ossbatch." + Path(path).with_suffix("").as_posix().replace("/", ".")
     try:
         found = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError):

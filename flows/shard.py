@@ -3,8 +3,8 @@
 
 import time
 
-from flows.engine_spec import EngineSpec, inferencer
-from pipeline.job import JobPlan, commit_shard, default_worker, read_shard
+from ossbatch.flows.engine_spec import EngineSpec, inferencer
+from ossbatch.pipeline.job import JobPlan, commit_shard, default_worker, read_shard
 
 
 def run_one_shard(plan: JobPlan, shard_index: int, engine: EngineSpec, worker: str | None = None) -> dict:

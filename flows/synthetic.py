@@ -14,10 +14,10 @@ import json
 
 import pyarrow as pa
 
-from pipeline.infer import row_seed
-from pipeline.read import BadLine, iter_records
-from pipeline.storage import InputError, atomic_open, expand_inputs, filesystem
-from pipeline.validate import is_batch_line, record_id
+from ossbatch.pipeline.infer import row_seed
+from ossbatch.pipeline.read import BadLine, iter_records
+from ossbatch.pipeline.storage import InputError, atomic_open, expand_inputs, filesystem
+from ossbatch.pipeline.validate import is_batch_line, record_id
 
 SOURCE_COLUMN, SAMPLE_COLUMN, SEED_COLUMN = "source_id", "sample", "sample_seed"
 OWN_COLUMNS = (SOURCE_COLUMN, SAMPLE_COLUMN, SEED_COLUMN)

@@ -21,17 +21,17 @@ class Ops:
 
 def ops(backend: str) -> Ops:
     if backend == "torch":
-        from kernels.attention import attention_sdpa
-        from kernels.moe import moe_torch
-        from kernels.rmsnorm import rmsnorm_torch
-        from kernels.routing import plan_routing_torch, route_torch
+        from ossbatch.kernels.attention import attention_sdpa
+        from ossbatch.kernels.moe import moe_torch
+        from ossbatch.kernels.rmsnorm import rmsnorm_torch
+        from ossbatch.kernels.routing import plan_routing_torch, route_torch
 
         return Ops(rmsnorm_torch, route_torch, plan_routing_torch, moe_torch, attention_sdpa)
     if backend == "triton":
-        from kernels.attention import attention_triton
-        from kernels.moe import moe_triton
-        from kernels.rmsnorm import rmsnorm_triton
-        from kernels.routing import plan_routing_torch, route_triton
+        from ossbatch.kernels.attention import attention_triton
+        from ossbatch.kernels.moe import moe_triton
+        from ossbatch.kernels.rmsnorm import rmsnorm_triton
+        from ossbatch.kernels.routing import plan_routing_torch, route_triton
 
         return Ops(rmsnorm_triton, route_triton, plan_routing_torch, moe_triton, attention_triton)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_compat import cast_rtne, dot_operand_dtype
+from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype
 
 
 def attention_torch(

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mxfp4 import dequantize_mxfp4
-from kernels.routing import RoutingPlan
-from kernels.triton_compat import cast_rtne, dot_operand_dtype
+from ossbatch.kernels.mxfp4 import dequantize_mxfp4
+from ossbatch.kernels.routing import RoutingPlan
+from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype
 
 SWIGLU_ALPHA = 1.702
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from pipeline.storage import atomic_open, filesystem
+from ossbatch.pipeline.storage import atomic_open, filesystem
 
 ERROR_CODE = "request_failed"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.job import (
+from ossbatch.pipeline.job import (
     JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, PART_NAME, committed_shards, load_plan, output_layout,
 )
-from pipeline.storage import exists, filesystem, join, read_json
+from ossbatch.pipeline.storage import exists, filesystem, join, read_json
 
 
 def _n(value) -> str:

@@ -31,14 +31,14 @@ import jsonschema
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.batch_api import iter_part_rows, write_batch_output
-from pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
-from pipeline.storage import (
+from ossbatch.pipeline.batch_api import iter_part_rows, write_batch_output
+from ossbatch.pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
+from ossbatch.pipeline.storage import (
     InputError, InputFile, compression_of, exists, expand_inputs, filesystem, join, list_names,
     read_json, remove, write_json_atomic,
 )
-from pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of, record_id
-from pipeline.write import (
+from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of, record_id
+from ossbatch.pipeline.write import (
     PassthroughTypes, STATUSES, decode_schema, encode_schema, results_table, shard_summary,
     write_parquet_atomic,
 )

@@ -5,7 +5,7 @@ from functools import lru_cache
 
 from openai_harmony import HarmonyError, Role
 
-from pipeline.render import harmony_encoding
+from ossbatch.pipeline.render import harmony_encoding
 
 
 @dataclass

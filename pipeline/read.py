@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from pipeline.storage import InputFile, compression_of, expand_inputs, filesystem
-from pipeline.validate import error_request, normalize
+from ossbatch.pipeline.storage import InputFile, compression_of, expand_inputs, filesystem
+from ossbatch.pipeline.validate import error_request, normalize
 
 READ_BLOCK_BYTES = 1 << 20
 # s3fs reads ahead 50 MB by default; a shard is usually much smaller than that.

@@ -8,12 +8,12 @@ row with status "error" instead of stopping the job. Only duplicate ids stop a j
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
-from pathlib import Path
 
 import jsonschema
 
-from pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
+from ossbatch.pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
 
 __all__ = [
     "InputError",
@@ -43,12 +43,11 @@ JSON_OBJECT_SCHEMA = '{"type":"object"}'
 MAX_ERRORS_PER_ROW = 3
 
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
 @functools.cache
 def load_schema(name: str) -> dict:
-    return json.loads((SCHEMAS_DIR / name).read_text())
+    return json.loads(importlib.resources.files("ossbatch.schemas").joinpath(name).read_text())
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import atomic_open
+from ossbatch.pipeline.storage import atomic_open
 
 RESULT_FIELDS = [
     pa.field("id", pa.string(), nullable=False),

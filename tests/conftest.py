@@ -23,7 +23,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The default tiny random checkpoint (2 layers, 8 experts, top-2), HF layout."""
-    from engine.tiny_model import TINY, write_random_checkpoint
+    from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny-model"), TINY, seed=0)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from engine.config import GPT_OSS_20B, GPT_OSS_120B, ModelConfig
-from engine.memory_plan import GIB, format_plan, parse_bytes, plan_memory
+from ossbatch.engine.config import GPT_OSS_20B, GPT_OSS_120B, ModelConfig
+from ossbatch.engine.memory_plan import GIB, format_plan, parse_bytes, plan_memory
 
 
 def test_120b_weights_match_the_release():

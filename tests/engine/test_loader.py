@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import CheckpointError
-from engine.generate import SamplingParams, generate
-from engine.model import Transformer
-from engine.tiny_model import TINY, write_random_checkpoint
-from engine.weights import load_weights
+from ossbatch.engine.config import CheckpointError
+from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.model import Transformer
+from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
+from ossbatch.engine.weights import load_weights
 
 
 def _greedy(path) -> list[list[int]]:
@@ -84,7 +84,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_fingerprint_changes_with_the_weights_and_reuses_cached_digests(tmp_path):
-    from engine.weights import checkpoint_fingerprint
+    from ossbatch.engine.weights import checkpoint_fingerprint
 
     path = write_random_checkpoint(tmp_path / "m", TINY, seed=1)
     cache = tmp_path / "digests.json"

@@ -4,10 +4,10 @@ computes only the chosen experts, and sampling that is per-row seeded."""
 import pytest
 import torch
 
-from kernels.moe import moe_torch, swiglu_torch
-from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from kernels.routing import plan_routing_torch, route_torch
-from engine.sampling import sample
+from ossbatch.kernels.moe import moe_torch, swiglu_torch
+from ossbatch.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from ossbatch.kernels.routing import plan_routing_torch, route_torch
+from ossbatch.engine.sampling import sample
 
 
 def test_mxfp4_matches_transformers_unpacking():
@@ -101,7 +101,7 @@ def test_top_p_keeps_only_the_nucleus_and_zero_temperature_is_greedy():
 
 @pytest.mark.parametrize("q_len, span, window", [(1, 23, 0), (1, 23, 5), (17, 17, 0), (17, 17, 4), (9, 30, 40)])
 def test_fused_attention_equals_the_reference(q_len, span, window):
-    from kernels.attention import attention_sdpa, attention_torch
+    from ossbatch.kernels.attention import attention_sdpa, attention_torch
 
     gen = torch.Generator().manual_seed(q_len * 100 + span + window)
     batch, q_heads, kv_heads, dim = 3, 6, 2, 16

@@ -4,9 +4,9 @@ changes no greedy token and moves logprobs by float32 rounding only."""
 import pytest
 import torch
 
-from engine.generate import SamplingParams, generate
-from engine.model import Transformer
-from engine.precision import PROBE_TOLERANCE, bf16_mode_keeps_fp32_accuracy, relative_error, resolve_fp32_matmul
+from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.model import Transformer
+from ossbatch.engine.precision import PROBE_TOLERANCE, bf16_mode_keeps_fp32_accuracy, relative_error, resolve_fp32_matmul
 
 
 def test_probe_accepts_ieee_float32_and_rejects_bf16_rounding():

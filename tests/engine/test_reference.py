@@ -8,9 +8,9 @@ batches; a row's result in a batch equals its result alone.
 import pytest
 import torch
 
-from engine.generate import SamplingParams, generate
-from engine.model import Transformer
-from engine.tiny_model import preset_config, write_random_checkpoint
+from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.model import Transformer
+from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

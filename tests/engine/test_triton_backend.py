@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-from engine.tiny_model import preset_config, write_random_checkpoint
+from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
 SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from engine.generate import SamplingParams, generate
-    from engine.model import Transformer
+    from ossbatch.engine.generate import SamplingParams, generate
+    from ossbatch.engine.model import Transformer
     prompts = [[5, 17, 300, 4000, 20, 9, 11, 12, 13, 14, 15, 16], [7, 8, 9], [100] * 6]
     out = {}
     for backend in ("torch", "triton"):
@@ -49,7 +49,7 @@ def test_ossbatch_run_backend_triton_equals_torch(tiny_model_dir, tmp_path):
         out = tmp_path / backend
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out),
+            [sys.executable, "-m", "ossbatch.flows.cli", "run", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out),
              "--orchestrator", "none", "--quiet", "--temperature", "0", "--max-tokens", "5", "--keep-token-ids", "--logprobs",
              "--backend", backend],
             capture_output=True, text=True, env=env, timeout=600,

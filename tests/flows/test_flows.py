@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows import grading, synthetic
-from flows.cli import main
-from flows.jobs import JobOptions, make_job
+from ossbatch.flows import grading, synthetic
+from ossbatch.flows.cli import main
+from ossbatch.flows.jobs import JobOptions, make_job
 from flow_helpers import jsonl, write_jsonl
 
 REVIEWS = [
@@ -74,10 +74,10 @@ def test_run_through_prefect_matches_the_plain_run_and_publishes_progress(prefec
 
 
 def test_a_shard_that_fails_once_is_retried_and_the_job_completes(prefect_server, tiny_model_dir, tmp_path, monkeypatch):
-    import flows.batch
-    from flows.batch import batch_inference
+    import ossbatch.flows.batch
+    from ossbatch.flows.batch import batch_inference
 
-    real = flows.batch.run_one_shard
+    real = ossbatch.flows.batch.run_one_shard
     calls = []
 
     def flaky(plan, shard_index, engine, worker=None):
@@ -86,7 +86,7 @@ def test_a_shard_that_fails_once_is_retried_and_the_job_completes(prefect_server
             raise ConnectionError("the store dropped the connection")
         return real(plan, shard_index, engine, worker)
 
-    monkeypatch.setattr(flows.batch, "run_one_shard", flaky)
+    monkeypatch.setattr(ossbatch.flows.batch, "run_one_shard", flaky)
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": f"q {i}"} for i in range(4)])
     job, engine = make_job(str(tiny_model_dir), source, str(tmp_path / "out"),
                            JobOptions(max_tokens=3).run_settings(), shard_rows=2)
@@ -127,7 +127,7 @@ def test_label_command_writes_labels_and_a_confusion_table(prefect_server, tiny_
 
 
 def test_label_flow_on_s3_resumes_without_duplicating_rows(prefect_server, tiny_model_dir, s3):
-    from flows.nightly import label_job
+    from ossbatch.flows.nightly import label_job
 
     s3.fs.pipe_file(f"{s3.bucket}/in/reviews.jsonl", jsonl(REVIEWS).encode())
     options = JobOptions(**STRUCTURED)
@@ -152,7 +152,7 @@ def test_label_flow_on_s3_resumes_without_duplicating_rows(prefect_server, tiny_
 
 
 def test_synth_flow_expands_rows_into_seeded_samples_and_dedupes(prefect_server, tiny_model_dir, tmp_path):
-    from flows.nightly import synth_job
+    from ossbatch.flows.nightly import synth_job
 
     source = write_jsonl(tmp_path / "topics.jsonl", [{"id": "t1", "prompt": "yes or no?", "topic": "a"},
                                                      {"id": "t2", "prompt": "no or yes?", "topic": "b"}])
@@ -184,7 +184,7 @@ def test_synth_flow_expands_rows_into_seeded_samples_and_dedupes(prefect_server,
 
 
 def test_eval_flow_grades_records_history_and_reports_the_change(prefect_server, tiny_model_dir, tmp_path):
-    from flows.nightly import eval_job
+    from ossbatch.flows.nightly import eval_job
 
     source = write_jsonl(tmp_path / "mcq.jsonl", QUESTIONS)
     price = (0.5, 2.0)

@@ -8,12 +8,12 @@ from datetime import date
 import pyarrow as pa
 import pytest
 
-from flows import grading, synthetic
-from flows.jobs import check_columns, column_named, resolve_output, slug
-from flows.nightly import default_history
-from flows.ray_runner import actor_plan
-from pipeline.read import BadLine
-from pipeline.write import SOURCE_KEY
+from ossbatch.flows import grading, synthetic
+from ossbatch.flows.jobs import check_columns, column_named, resolve_output, slug
+from ossbatch.flows.nightly import default_history
+from ossbatch.flows.ray_runner import actor_plan
+from ossbatch.pipeline.read import BadLine
+from ossbatch.pipeline.write import SOURCE_KEY
 
 
 def _rows(**columns) -> pa.Table:

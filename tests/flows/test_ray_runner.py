@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from ossbatch.flows.cli import main
 from flow_helpers import write_jsonl
 
 
@@ -50,7 +50,7 @@ def test_ray_runner_matches_the_local_runner(tiny_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
     env |= {"HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"), "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TMPDIR": ray_tmp}
-    command = [sys.executable, "-m", "flows.cli", "run", *job, "--output", str(tmp_path / "ray"),
+    command = [sys.executable, "-m", "ossbatch.flows.cli", "run", *job, "--output", str(tmp_path / "ray"),
                "--runner", "ray", "--ray-workers", "2"]
     try:
         ray_run = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import schedules
+from ossbatch.flows import schedules
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = ROOT / "prefect.yaml"
@@ -39,7 +39,7 @@ def test_runner_deployments_carry_schedules_and_parameters():
     built = schedules.runner_deployments(PREFECT_FILE, ["nightly-eval"])
     (eval_deployment,) = built
     assert eval_deployment.name == "nightly-eval"
-    assert eval_deployment.entrypoint == "flows.nightly.eval_job"
+    assert eval_deployment.entrypoint == "ossbatch.flows.nightly.eval_job"
     assert [s.schedule.cron for s in eval_deployment.schedules] == ["0 4 * * *"]
     assert eval_deployment.parameters["grading_rule"] == "choice"
     with pytest.raises(ValueError, match="no deployment named nope"):
@@ -57,7 +57,7 @@ def test_deploy_registers_every_deployment_with_its_cron_on_the_server(prefect_s
     from prefect.client.orchestration import get_client
 
     env = dict(os.environ, PREFECT_API_URL=prefect_server)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--prefect-file", str(PREFECT_FILE)],
+    done = subprocess.run([sys.executable, "-m", "ossbatch.flows.cli", "deploy", "--prefect-file", str(PREFECT_FILE)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "prefect worker start --pool ossbatch-nightly" in done.stdout

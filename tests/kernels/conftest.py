@@ -21,8 +21,8 @@ INTERPRETING = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "ye
 # Test modules collected earlier (tests/engine imports kernels.moe) may already
 # have imported kernels/ with the compiler chosen; re-import those modules, in
 # dependency order, so their kernels are decorated for the interpreter.
-_KERNEL_MODULES = ("kernels.triton_compat", "kernels.rmsnorm", "kernels.routing", "kernels.moe", "kernels.attention")
-if INTERPRETING and "kernels.triton_compat" in sys.modules and not sys.modules["kernels.triton_compat"].INTERPRETING:
+_KERNEL_MODULES = ("ossbatch.kernels.triton_compat", "ossbatch.kernels.rmsnorm", "ossbatch.kernels.routing", "ossbatch.kernels.moe", "ossbatch.kernels.attention")
+if INTERPRETING and "ossbatch.kernels.triton_compat" in sys.modules and not sys.modules["ossbatch.kernels.triton_compat"].INTERPRETING:
     for _name in _KERNEL_MODULES:
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.attention import attention_torch, attention_triton
+from ossbatch.kernels.attention import attention_torch, attention_triton
 
 KV_LEN = [40, 23, 9, 0]  # rows of different lengths; the last row is empty (a finished slot)
 CACHE = 40

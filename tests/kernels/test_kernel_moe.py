@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kernels.moe import MOE_BLOCK_K, moe_torch, moe_triton
-from kernels.mxfp4 import quantize_mxfp4
-from kernels.routing import plan_routing_torch, route_torch
+from ossbatch.kernels.moe import MOE_BLOCK_K, moe_torch, moe_triton
+from ossbatch.kernels.mxfp4 import quantize_mxfp4
+from ossbatch.kernels.routing import plan_routing_torch, route_torch
 
 
 def quantize_padded(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

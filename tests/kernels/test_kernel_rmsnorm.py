@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rmsnorm import rmsnorm_torch, rmsnorm_triton
+from ossbatch.kernels.rmsnorm import rmsnorm_torch, rmsnorm_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

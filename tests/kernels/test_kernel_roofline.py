@@ -1,14 +1,14 @@
-"""The roofline arithmetic in benchmarks/kernels.py (no kernels run)."""
+"""The roofline arithmetic in benchmarks/kernel_roofline.py (no kernels run)."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-from engine.config import GPT_OSS_120B
-from engine.memory_plan import expert_bytes
+from ossbatch.engine.config import GPT_OSS_120B
+from ossbatch.engine.memory_plan import expert_bytes
 
-_path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_roofline.py"
 _spec = importlib.util.spec_from_file_location("benchmark_kernels", _path)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

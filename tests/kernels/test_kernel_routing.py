@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.routing import plan_routing_torch, route_torch, route_triton
+from ossbatch.kernels.routing import plan_routing_torch, route_torch, route_triton
 
 
 def untied_logits(tokens: int, experts: int, device, dtype) -> torch.Tensor:

@@ -13,8 +13,8 @@ import time
 
 from pipeline_fakes import FakeEngine
 
-from pipeline import job, write
-from pipeline.job import JobSpec, run_job_locally
+from ossbatch.pipeline import job, write
+from ossbatch.pipeline.job import JobSpec, run_job_locally
 
 SHARD_SECONDS = 0.03
 

@@ -8,8 +8,8 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 from pipeline_fakes import FakeEngine, jsonl_bytes, write_jsonl
 
-from pipeline.batch_api import batch_output_line
-from pipeline.job import JobSpec, finalize_job, load_plan, run_job_locally
+from ossbatch.pipeline.batch_api import batch_output_line
+from ossbatch.pipeline.job import JobSpec, finalize_job, load_plan, run_job_locally
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"

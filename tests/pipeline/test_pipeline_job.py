@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fakes import FakeEngine, jsonl_bytes, prompt_rows, write_jsonl
 
-from pipeline import job as job_module
-from pipeline import write as write_module
-from pipeline.inspect import format_manifest
-from pipeline.job import (
+from ossbatch.pipeline import job as job_module
+from ossbatch.pipeline import write as write_module
+from ossbatch.pipeline.inspect import format_manifest
+from ossbatch.pipeline.job import (
     JobPlan, JobSpec, commit_shard, finalize_job, load_plan, pending_shards, plan_job, read_shard, run_job_locally,
 )
-from pipeline.storage import atomic_open, filesystem
-from pipeline.validate import InputError, load_schema
+from ossbatch.pipeline.storage import atomic_open, filesystem
+from ossbatch.pipeline.validate import InputError, load_schema
 
 MODEL = {"path": "/models/gpt-oss-20b", "content_hash": "sha256:model-a", "config": {"num_hidden_layers": 24}}
 
@@ -328,7 +328,7 @@ def test_s3_failure_mid_write_leaves_no_committed_shard(s3, monkeypatch):
 
 
 def test_gzip_shards_read_in_order_decompress_the_file_once(tmp_path, monkeypatch):
-    from pipeline import read as read_module
+    from ossbatch.pipeline import read as read_module
 
     inputs = write_jsonl(tmp_path / "in.jsonl.gz", prompt_rows(25), gz=True)
     plan = plan_job(spec(inputs, tmp_path / "out"))

@@ -21,7 +21,7 @@ PROMPT_TAIL = " in three sentences, keeping every number exact and naming each s
 PROBE = """
 import json, sys
 import pyarrow as pa
-from pipeline.job import JobSpec, plan_job
+from ossbatch.pipeline.job import JobSpec, plan_job
 
 def peak_rss():
     with open("/proc/self/status") as status:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fakes import jsonl_bytes, prompt_rows, write_jsonl
 
-from pipeline.read import iter_records, read_requests
-from pipeline.storage import InputError, expand_inputs, options_for, parse_storage_options
+from ossbatch.pipeline.read import iter_records, read_requests
+from ossbatch.pipeline.storage import InputError, expand_inputs, options_for, parse_storage_options
 
 
 def ids(requests):

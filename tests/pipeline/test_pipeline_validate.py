@@ -6,8 +6,8 @@ import jsonschema
 import pytest
 from pipeline_fakes import write_jsonl
 
-from pipeline.read import read_requests
-from pipeline.validate import REQUEST_KEYS, load_schema, normalize
+from ossbatch.pipeline.read import read_requests
+from ossbatch.pipeline.validate import REQUEST_KEYS, load_schema, normalize
 
 
 def one(record: dict) -> dict:

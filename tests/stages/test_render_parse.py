@@ -3,9 +3,9 @@
 import pytest
 from openai_harmony import Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 
-from pipeline.bucket import pack_batches
-from pipeline.parse import parse_completion
-from pipeline.render import harmony_encoding, render_prompt
+from ossbatch.pipeline.bucket import pack_batches
+from ossbatch.pipeline.parse import parse_completion
+from ossbatch.pipeline.render import harmony_encoding, render_prompt
 
 
 def _expected(messages: list[Message]) -> list[int]:
@@ -119,7 +119,7 @@ def test_buckets_keep_padding_within_ten_percent_on_a_long_tailed_mix():
 
 
 def test_cached_header_rendering_equals_harmony_conversation_rendering():
-    from pipeline.render import build_conversation
+    from ossbatch.pipeline.render import build_conversation
 
     conversations = [
         [{"role": "user", "content": "Label: great phone"}],
@@ -137,7 +137,7 @@ def test_cached_header_rendering_equals_harmony_conversation_rendering():
 
 
 def test_refill_runs_fit_the_token_budget_and_keep_every_row_once():
-    from pipeline.infer import _refill_runs
+    from ossbatch.pipeline.infer import _refill_runs
 
     lengths = [10 + (i * 37) % 400 for i in range(300)]
     budgets = [64 + (i * 11) % 200 for i in range(300)]
@@ -155,7 +155,7 @@ def test_refill_runs_fit_the_token_budget_and_keep_every_row_once():
 
 
 def test_buckets_that_fit_the_budget_share_one_run():
-    from pipeline.infer import _refill_runs
+    from ossbatch.pipeline.infer import _refill_runs
 
     lengths = [60 + 8 * i for i in range(32)]  # widths 84..332: a 4x spread, but 32 rows fit 32768 tokens
     buckets = pack_batches(lengths, [24] * 32, 32768, 256)

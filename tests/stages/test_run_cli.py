@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.generate import SamplingParams, generate
-from engine.model import Transformer
-from flows.cli import main
-from pipeline.render import render_prompt
+from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.model import Transformer
+from ossbatch.flows.cli import main
+from ossbatch.pipeline.render import render_prompt
 
 ROWS = [
     {"id": "a", "prompt": "Classify: great phone", "topic": "reviews", "score": 4},
@@ -102,7 +102,7 @@ def test_parquet_input_gives_the_same_rows_as_jsonl(tiny_model_dir, tmp_path):
 def test_command_line_refuses_a_missing_model(tmp_path):
     inp = _write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--model", str(tmp_path / "missing"), "--input", str(inp),
+        [sys.executable, "-m", "ossbatch.flows.cli", "run", "--model", str(tmp_path / "missing"), "--input", str(inp),
          "--output", str(tmp_path / "out"), "--orchestrator", "none"],
         capture_output=True, text=True,
     )
@@ -118,7 +118,7 @@ def test_bad_flag_is_named(tmp_path, capsys):
 
 
 def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    from pipeline.infer import ShardInferencer
+    from ossbatch.pipeline.infer import ShardInferencer
 
     real_result = ShardInferencer._result
 

@@ -6,8 +6,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.cli import main
-from pipeline.render import harmony_encoding
+from ossbatch.flows.cli import main
+from ossbatch.pipeline.render import harmony_encoding
 
 LABEL = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
          "required": ["label"], "additionalProperties": False}

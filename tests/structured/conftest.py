@@ -18,7 +18,7 @@ if str(_HERE) not in sys.path:  # structured_driver, whatever pytest's import mo
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline import constrain
+    from ossbatch.pipeline import constrain
 
     return constrain.lltokenizer()
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from openai_harmony import Role
 
-from pipeline import constrain as C
+from ossbatch.pipeline import constrain as C
 
 V = C.TOKENIZER_VOCAB_SIZE
 

@@ -1,4 +1,4 @@
-"""pipeline.constrain: tokenizer, response-format section, schema refusal, validation, batch protocol."""
+"""ossbatch.pipeline.constrain: tokenizer, response-format section, schema refusal, validation, batch protocol."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
-from pipeline import constrain as C
+from ossbatch.pipeline import constrain as C
 
 LABEL_SCHEMA = {
     "type": "object",

@@ -8,7 +8,7 @@ import jsonschema
 import jsonschema.validators
 import pytest
 
-from pipeline import constrain as C
+from ossbatch.pipeline import constrain as C
 from structured_driver import parse_completion, run_random
 
 CASES = json.loads((Path(__file__).parent / "data" / "jsts_draft2020-12.json").read_text())

@@ -6,7 +6,7 @@ import json
 import jsonschema
 import pytest
 
-from pipeline import constrain as C
+from ossbatch.pipeline import constrain as C
 from structured_driver import parse_completion, run_random
 
 # Realistic labeling / extraction schemas: enum labels, required fields, arrays, nesting,

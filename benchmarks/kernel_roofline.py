@@ -1,7 +1,7 @@
 """Per-kernel time at gpt-oss-120b shapes, beside the H100 roofline.
 
-    python benchmarks/kernels.py                  # time the kernels: Triton on a GPU, the torch reference on a CPU
-    python benchmarks/kernels.py --roofline-only  # only the roofline arithmetic (instant, no torch import)
+    python benchmarks/kernel_roofline.py                  # time the kernels: Triton on a GPU, the torch reference on a CPU
+    python benchmarks/kernel_roofline.py --roofline-only  # only the roofline arithmetic (instant, no torch import)
 
 Each row is one decode step's worth of one kernel for one layer: `batch`
 sequences, one new token each.  Bytes are the least a kernel must move (weights
@@ -26,8 +26,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(_REPO)
 
-from engine.config import GPT_OSS_120B, ModelConfig  # noqa: E402
-from engine.memory_plan import GIB, expert_bytes, plan_memory, weight_bytes_by_part  # noqa: E402
+from ossbatch.engine.config import GPT_OSS_120B, ModelConfig  # noqa: E402
+from ossbatch.engine.memory_plan import GIB, expert_bytes, plan_memory, weight_bytes_by_part  # noqa: E402
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM, HBM3
 BF16_FLOPS = 990e12  # H100 SXM, dense bf16 tensor cores
@@ -132,7 +132,7 @@ def _torch_inputs(config: ModelConfig, device: str):
 
 def attach_runs(rows: list[Row], config: ModelConfig, backend: str, device: str, context: int) -> None:
     torch, gen, experts = _torch_inputs(config, device)
-    from kernels import ops
+    from ossbatch.kernels import ops
 
     kernels = ops(backend)
     h, e, k = config.hidden_size, config.num_local_experts, config.num_experts_per_tok
