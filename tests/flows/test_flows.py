@@ -231,3 +231,21 @@ def test_eval_refuses_a_missing_gold_column_before_running(prefect_server, tiny_
                  "--gold-column", "gold", "--quiet"]) == 2
     assert "--gold-column 'gold' is not a column" in capsys.readouterr().err
     assert not (tmp_path / "e" / "job").exists()
+
+
+def test_storage_options_stay_out_of_the_flow_runs_parameters_and_the_output(prefect_server, tiny_model_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from ossbatch.flows.batch import batch_inference
+    from ossbatch.pipeline.storage import Storage
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "q0", "prompt": "q"}])
+    secret = Storage.from_options({"s3": {"secret": "hunter2"}})  # s3 options: the local files never see them
+    job = Job(model=str(tiny_model_dir), inputs=[source], output=str(tmp_path / "out"),
+              options=JobOptions(max_tokens=2, storage=secret))
+    assert batch_inference(job, quiet=True)["rows"]["total"] == 1
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if str(tmp_path / "out") in json.dumps(r.parameters, default=str)]
+    assert len(runs) == 1 and runs[0].parameters["job"]["options"]["max_tokens"] == 2
+    assert "hunter2" not in json.dumps(runs[0].parameters, default=str)
+    assert "hunter2" not in (tmp_path / "out" / "_job.json").read_text()

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fakes import FakeEngine, jsonl_bytes, prompt_rows, write_jsonl
 
-from ossbatch.pipeline import driver as driver_module
 from ossbatch.pipeline import job as job_module
 from ossbatch.pipeline import write as write_module
 from ossbatch.pipeline.driver import run_job
@@ -371,22 +370,3 @@ def test_job_on_the_memory_filesystem():
     assert sorted(fs.ls("/ossbatch-job/out.jsonl.parts", detail=False))[:2] == [
         "/ossbatch-job/out.jsonl.parts/_job.json", "/ossbatch-job/out.jsonl.parts/_shards"]
     fs.rm("/ossbatch-job", recursive=True)
-
-
-def test_a_shard_read_ahead_that_fails_surfaces_in_its_turn_after_the_shard_before_commits(tmp_path, monkeypatch):
-    inputs = write_jsonl(tmp_path / "in.jsonl", prompt_rows(25))
-    out = tmp_path / "out"
-    real_read = driver_module.read_shard
-
-    def read_failing_on_shard_1(plan, shard_index):
-        if shard_index == 1:
-            raise OSError("storage went away while reading shard 1")
-        return real_read(plan, shard_index)
-
-    monkeypatch.setattr(driver_module, "read_shard", read_failing_on_shard_1)
-    engine = FakeEngine()
-    with pytest.raises(OSError, match="shard 1"):
-        run_job(spec(inputs, out), engine)
-    # Shard 1 was read (and failed) while shard 0 ran; shard 0 still committed, nothing after it ran.
-    assert engine.ids_seen == [f"r{i:05d}" for i in range(10)]
-    assert pending_shards(plan_job(spec(inputs, out))) == [1, 2]
