@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
-from pydantic import BaseModel, ConfigDict, Field, Secret
+from pydantic import BaseModel, ConfigDict, Field, Secret, model_validator
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
@@ -54,6 +54,14 @@ class Storage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     secret_options: Secret[dict[str, Any]] = Field(default_factory=lambda: Secret({}))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_options(cls, value):
+        # A flow's parameters (prefect.yaml) give the options themselves: storage: {s3: {...}}.
+        if isinstance(value, dict) and set(value) != {"secret_options"}:
+            return {"secret_options": value}
+        return value
 
     @classmethod
     def from_options(cls, storage_options: dict | None) -> Storage:

@@ -48,6 +48,8 @@ def test_storage_options_never_leave_the_storage_object():
     assert job.on_device("cuda").storage.options == {"s3": {"secret": "hunter2"}}
     with pytest.raises(InputError, match="JSON object"):
         Storage.from_flag("[1, 2]")
+    # A flow's options (prefect.yaml) give the fsspec options as they are.
+    assert JobOptions(storage={"s3": {"anon": True}}).storage.options_for("s3://b/k") == {"anon": True}
 
 
 def test_a_schema_given_as_a_dict_is_stored_as_canonical_text():
