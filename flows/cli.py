@@ -11,20 +11,18 @@
 """
 
 import argparse
-import typing
 import json
 import sys
+import typing
 from pathlib import Path
 
 from ossbatch.engine.config import CheckpointError
 from ossbatch.flows.environment import prepare_environment
-from ossbatch.pipeline.config import EngineOptions, PipelineOptions, RunnerOptions, SamplingOptions
-from ossbatch.pipeline.storage import LOCAL, InputError
+from ossbatch.pipeline.config import EngineOptions, Job, JobOptions, PipelineOptions, RunnerOptions, SamplingOptions
+from ossbatch.pipeline.storage import LOCAL, InputError, Storage
 
 
-def _storage_flag(text: str):
-    from ossbatch.pipeline.storage import InputError, Storage
-
+def _storage_flag(text: str) -> Storage:
     try:
         return Storage.from_flag(text)
     except InputError as err:
@@ -78,10 +76,8 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
-def _job_options(args):
+def _job_options(args) -> JobOptions:
     """The job's settings, built and validated once from the flags."""
-    from ossbatch.pipeline.config import JobOptions
-
     flags = vars(args)
     if getattr(args, "command", None) == "run" and args.schema:
         flags = {**flags, "response_schema": _read_schema_file(args.schema)}
@@ -89,12 +85,12 @@ def _job_options(args):
 
 
 def cmd_run(args) -> int:
-    from ossbatch.pipeline.config import Job
-    from ossbatch.pipeline.storage import InputError
-
     job = Job(model=args.model, inputs=args.input, output=args.output, options=_job_options(args))
     if args.orchestrator == "prefect":
+        from ossbatch.engine.config import read_config
         from ossbatch.flows.batch import batch_inference
+
+        read_config(job.model)  # a bad model is refused before Prefect starts its server
 
         batch_inference(job, quiet=args.quiet)
     else:
