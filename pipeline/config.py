@@ -11,8 +11,9 @@
 - `RunnerOptions`: where the shards run (in-process or on Ray actors).
 
 `Job` is one job: model, inputs, output and options; it is what `batch_inference` takes and what the
-shard driver runs. To add a setting: a field in its part (type, default, bounds), and its flag in
-flows/cli.py, whose default comes from here.
+shard driver runs. To add a setting: a field in its part (type, default, bounds), its flag in
+flows/cli.py (which takes default and choices from here), and, for an engine or pipeline setting
+that changes results, its name in OUTPUT_SETTINGS (sampling settings join the job identity anyway).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ Float32Mode = Literal["auto", "ieee", "bf16"]  # see engine.precision
 ReasoningEffort = Literal["low", "medium", "high"]
 Runner = Literal["local", "ray"]
 
+# Engine and pipeline settings that change a job's results (batching changes the float sums).
+OUTPUT_SETTINGS = ("batch_tokens", "max_batch_rows", "dtype", "backend", "fp32_matmul")
+IDENTITY_KEYS = {"response_schema": "schema"}
 # Fields whose flag is not ``--`` + the field name with dashes.
 FLAG_NAMES = {"storage": "--storage-options", "response_schema": "--schema"}
 
@@ -119,16 +123,11 @@ class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions)
         return self.pick(EngineConfig, model=model)
 
     def identity(self) -> dict:
-        """The settings that change what a job writes: part of its identity in _job.json.
-        (The keys are those of earlier versions, so their outputs still resume.)"""
-        s = self
-        return {
-            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "max_tokens": s.max_tokens,
-            "reasoning_effort": s.reasoning_effort, "max_reasoning_tokens": s.max_reasoning_tokens,
-            "schema": s.response_schema, "keep_token_ids": s.keep_token_ids, "logprobs": s.logprobs,
-            "batch_tokens": s.batch_tokens, "max_batch_rows": s.max_batch_rows,
-            "dtype": s.dtype, "backend": s.backend, "fp32_matmul": s.fp32_matmul,
-        }
+        """The settings that change what a job writes: part of its identity in _job.json. Every
+        sampling setting is; other settings are when named in OUTPUT_SETTINGS. (Keys as earlier
+        versions wrote them, so their outputs still resume.)"""
+        names = [*SamplingOptions.model_fields, *OUTPUT_SETTINGS]
+        return {IDENTITY_KEYS.get(name, name): getattr(self, name) for name in names}
 
 
 class Job(_Settings):

@@ -58,3 +58,13 @@ def test_a_schema_given_as_a_dict_is_stored_as_canonical_text():
     assert options.identity()["schema"] == options.response_schema
     with pytest.raises(InputError, match="--temperature"):
         options.replaced(temperature=-1)
+
+
+def test_the_job_identity_keeps_the_keys_earlier_outputs_were_written_with():
+    # An output planned before the configuration moved here must still resume: same keys, same values.
+    assert JobOptions().identity() == {
+        "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_tokens": 1024, "reasoning_effort": "medium",
+        "max_reasoning_tokens": None, "schema": None, "keep_token_ids": False, "logprobs": False,
+        "batch_tokens": 32768, "max_batch_rows": 256, "dtype": "float32", "backend": "torch", "fp32_matmul": "auto",
+    }
+    assert "device" not in JobOptions().identity() and "storage" not in JobOptions().identity()
