@@ -5,7 +5,7 @@ from functools import lru_cache
 
 from openai_harmony import HarmonyError, Role
 
-from ossbatch.pipeline.render import harmony_encoding
+from ossbatch.pipeline.harmony import harmony_encoding
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ossbatch.flows.cli import main
-from ossbatch.pipeline.render import harmony_encoding
+from ossbatch.pipeline.harmony import harmony_encoding
 
 LABEL = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
          "required": ["label"], "additionalProperties": False}
