@@ -11,8 +11,10 @@ model, but never repeated, so reasoning stays bounded). No special token can app
 analysis text or the answer. N, the reasoning budget, counts the analysis *text* tokens; when
 it is reached the grammar allows only ``<|end|>`` and then forces the final message's header.
 
-The grammar is llguidance Lark: special tokens as ``<|...|>``, the analysis text a
-``max_tokens``-bounded lexeme, the answer ``%json {schema}`` (whitespace between JSON tokens
+The grammar is llguidance Lark. Every header is forced exactly as harmony renders it, one token
+per word: special tokens as ``<|...|>``, the channel names and the role by token id (``<[35644]>``
+is ``analysis``), never as strings the model could spell in several tokens. The analysis text is
+a ``max_tokens``-bounded lexeme, the answer ``%json {schema}`` (whitespace between JSON tokens
 bounded to runs of at most 20). Grammars are compiled once per (schema, budget) and cached.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import llguidance
 
-from ossbatch.pipeline.harmony import lltokenizer
+from ossbatch.pipeline.harmony import harmony_encoding, lltokenizer
 from ossbatch.pipeline.response_format import SchemaRefused, check_schema, parse_schema
 
 __all__ = ["JSON_WHITESPACE", "RowGrammar", "clean_llg_error", "compile_row_grammar"]
@@ -93,17 +95,25 @@ def _lark(schema: Any | None, lenient: bool, max_reasoning_tokens: int | None) -
         body = dict(schema) if isinstance(schema, dict) else {}
         body["x-guidance"] = {"lenient": bool(lenient), "whitespace_pattern": JSON_WHITESPACE}
         answer_rule = "answer: %json " + json.dumps(body, separators=(",", ":"), ensure_ascii=True)
+    analysis, final, assistant = (_single_token(word) for word in ("analysis", "final", "assistant"))
     return "\n".join(
         line
         for line in [
             "start: analysis? final",
-            f'analysis: <|channel|> "analysis" <|message|> {analysis_body} <|end|> <|start|> "assistant"',
+            f"analysis: <|channel|> {analysis} <|message|> {analysis_body} <|end|> <|start|> {assistant}",
             analysis_rule,
-            'final: <|channel|> "final" <|message|> answer <|return|>',
+            f"final: <|channel|> {final} <|message|> answer <|return|>",
             answer_rule,
         ]
         if line
     ) + "\n"
+
+
+def _single_token(word: str) -> str:
+    """The Lark reference to the one token harmony renders ``word`` as in a header, by id: a
+    string literal would let the model spell it in several tokens (``f`` + ``inal``)."""
+    (token,) = harmony_encoding().encode(word)
+    return f"<[{token}]>"
 
 
 def _build(lark: str) -> tuple[llguidance.LLMatcher | None, str | None]:

