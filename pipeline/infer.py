@@ -129,7 +129,8 @@ class ShardInferencer:
         max_reasoning = _first(request.get("max_reasoning_tokens"), s.max_reasoning_tokens)
         grammar, response_format = None, None
         if schema is not None or max_reasoning is not None:
-            from ossbatch.pipeline.constrain import SchemaRefused, compile_row_grammar, response_format_section
+            from ossbatch.pipeline.grammar import compile_row_grammar
+            from ossbatch.pipeline.response_format import SchemaRefused, response_format_section
 
             try:
                 grammar = compile_row_grammar(schema, max_reasoning)
@@ -166,7 +167,7 @@ class ShardInferencer:
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
         if row.schema is not None:
-            from ossbatch.pipeline.constrain import validate_answer
+            from ossbatch.pipeline.answer import validate_answer
 
             result["output_json"], result["schema_valid"] = validate_answer(parsed.output_text or "", row.schema)
         if self.settings.keep_token_ids:
@@ -206,7 +207,7 @@ def _slot_cap(width: int, batch_tokens: int, max_rows: int) -> int:
 def _batch_constraint(rows: list[_Prepared], vocab_size: int):
     if all(r.grammar is None for r in rows):
         return None
-    from ossbatch.pipeline.constrain import BatchConstraint
+    from ossbatch.pipeline.masks import BatchConstraint
 
     return BatchConstraint([r.grammar for r in rows], vocab_size)
 
