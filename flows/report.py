@@ -22,7 +22,7 @@ from plotly.offline import get_plotlyjs
 
 from ossbatch.flows.jobs import job_dir, part_tables, read_json_lines
 from ossbatch.pipeline.job import read_manifest
-from ossbatch.pipeline.storage import InputError, exists, filesystem, join, read_json, write_bytes_atomic
+from ossbatch.pipeline.storage import LOCAL, InputError, Storage, join
 
 REPORT_FILE = "report.html"
 # Beside the parts of a plain run: a leading underscore keeps dataset readers off it.
@@ -43,42 +43,42 @@ class ReportData:
     history: list[dict] = field(default_factory=list)
 
 
-def gather(root: str, storage_options: dict | None = None) -> ReportData:
+def gather(root: str, storage: Storage = LOCAL) -> ReportData:
     """Everything the page shows, read once; refuses a folder that holds no finished job."""
-    manifest, derived = read_manifest(root, storage_options), False
+    manifest, derived = read_manifest(root, storage), False
     if manifest is None:
-        manifest, derived = read_manifest(job_dir(root), storage_options), True
+        manifest, derived = read_manifest(job_dir(root), storage), True
     if manifest is None:
         raise InputError(f"{root}: no manifest.json here or in {job_dir(root)}; is the job finished?")
     columns = ("status", *TOKEN_COLUMNS)
-    tables = [t.select([c for c in columns if c in t.column_names]) for t in part_tables(manifest, storage_options)]
+    tables = [t.select([c for c in columns if c in t.column_names]) for t in part_tables(manifest, storage)]
     rows = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.int64()) for c in columns})
     data = ReportData(root, manifest, rows, derived)
     if derived:
-        _gather_derived(data, storage_options)
+        _gather_derived(data, storage)
     return data
 
 
-def _gather_derived(data: ReportData, storage_options: dict | None) -> None:
-    fs, root = filesystem(data.root, storage_options)
+def _gather_derived(data: ReportData, storage: Storage) -> None:
+    root = data.root
     labels = join(root, "labels.parquet")
-    if exists(fs, labels):
-        with fs.open(labels, "rb") as f:
+    if storage.exists(labels):
+        with storage.open(labels, "rb") as f:
             column = pq.read_table(f, columns=["label"]).column("label").to_pylist()
         for label in column:
             key = "(none)" if label is None else str(label)
             data.label_counts[key] = data.label_counts.get(key, 0) + 1
     confusion = join(root, "confusion.parquet")
-    if exists(fs, confusion):
-        with fs.open(confusion, "rb") as f:
+    if storage.exists(confusion):
+        with storage.open(confusion, "rb") as f:
             data.confusion = pq.read_table(f)
     summary = join(root, "eval.json")
-    if exists(fs, summary):
-        data.eval_summary = read_json(fs, summary)
+    if storage.exists(summary):
+        data.eval_summary = storage.read_json(summary)
         from ossbatch.flows.nightly import default_history
 
         history = data.eval_summary.get("history") or default_history(data.root, data.eval_summary["eval"])
-        data.history = read_json_lines(history, storage_options)
+        data.history = read_json_lines(history, storage)
 
 
 # --------------------------------------------------------------------------- charts
@@ -234,10 +234,10 @@ def report_path(data: ReportData) -> str:
     return join(data.manifest["output"]["work_dir"].rstrip("/"), RUN_REPORT_FILE)
 
 
-def write_report(root: str, storage_options: dict | None = None) -> str:
+def write_report(root: str, storage: Storage = LOCAL) -> str:
     """Writes the page beside the results; returns where."""
-    data = gather(root, storage_options)
+    data = gather(root, storage)
     path = report_path(data)
-    fs, local = filesystem(path, storage_options)
-    write_bytes_atomic(fs, local, render(data).encode())
+    with storage.atomic_open(path, "wb") as f:
+        f.write(render(data).encode())
     return path if "://" in path else posixpath.normpath(path)

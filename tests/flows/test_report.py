@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ossbatch.flows import report
-from ossbatch.pipeline.job import JobSpec, run_job_locally
+from ossbatch.pipeline.driver import run_job
+from ossbatch.pipeline.job import JobSpec
 
 MODEL = {"path": "/models/tiny", "content_hash": "sha256:tiny", "config": {"num_hidden_layers": 2}}
 
@@ -30,7 +31,7 @@ def _finished_job(tmp_path, output, rows=14):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"q {i}"}) + "\n" for i in range(rows)))
     spec = JobSpec(inputs=[str(inputs)], output=str(output), shard_rows=5, model_fingerprint=MODEL, settings={})
-    return run_job_locally(spec, _answer)
+    return run_job(spec, _answer)
 
 
 def test_run_report_charts_equal_the_manifest(tmp_path):

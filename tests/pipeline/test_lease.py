@@ -6,7 +6,7 @@ import time
 import pytest
 
 from ossbatch.pipeline.lease import LeaseHeld, LeaseLost, acquire, current_holder, is_lease_file
-from ossbatch.pipeline.storage import filesystem, list_names
+from ossbatch.pipeline.storage import LOCAL, list_names
 
 
 def _race(fs, work, contenders=6):
@@ -29,7 +29,7 @@ def _race(fs, work, contenders=6):
 
 
 def test_of_racing_runs_exactly_one_holds_the_output(tmp_path):
-    fs, work = filesystem(str(tmp_path / "out"))
+    fs, work = LOCAL.filesystem(str(tmp_path / "out"))
     won, refused = _race(fs, work)
     assert len(won) == 1 and len(refused) == 5
     assert "in use by another run" in refused[0] and "pid" in refused[0]
@@ -37,13 +37,13 @@ def test_of_racing_runs_exactly_one_holds_the_output(tmp_path):
 
 
 def test_of_racing_runs_on_s3_exactly_one_holds_the_output(s3):
-    fs, work = filesystem(s3.uri("out"))
+    fs, work = LOCAL.filesystem(s3.uri("out"))
     won, refused = _race(fs, work, contenders=4)
     assert len(won) == 1 and len(refused) == 3
 
 
 def test_a_released_or_lapsed_lease_is_taken_over(tmp_path):
-    fs, work = filesystem(str(tmp_path / "out"))
+    fs, work = LOCAL.filesystem(str(tmp_path / "out"))
     first = acquire(fs, work)
     first.release()
     second = acquire(fs, work, ttl=0.2)
@@ -59,7 +59,7 @@ def test_a_released_or_lapsed_lease_is_taken_over(tmp_path):
 
 
 def test_a_renewed_lease_outlives_its_ttl(tmp_path):
-    fs, work = filesystem(str(tmp_path / "out"))
+    fs, work = LOCAL.filesystem(str(tmp_path / "out"))
     with acquire(fs, work, ttl=0.4).keep_alive() as lease:
         time.sleep(0.8)
         with pytest.raises(LeaseHeld):
