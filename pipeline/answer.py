@@ -186,7 +186,7 @@ def _evaluated_keys(validator, instance: dict, schema) -> set[str]:
         keys |= properties.keys() & instance.keys()
     for keyword in ("additionalProperties", "unevaluatedProperties"):
         if (subschema := schema.get(keyword)) is not None:
-            keys |= {k for k, v in instance.items() if validator.evolve(schema=subschema).is_valid(v)}
+            keys |= {k for k, v in instance.items() if _passes(validator, v, subschema)}
     for pattern in schema.get("patternProperties", {}):
         keys |= {k for k in instance if _matches(pattern, k)}
     for key, subschema in schema.get("dependentSchemas", {}).items():
@@ -194,7 +194,7 @@ def _evaluated_keys(validator, instance: dict, schema) -> set[str]:
             keys |= _evaluated_keys(validator, instance, subschema)
     for keyword in ("allOf", "oneOf", "anyOf"):
         for subschema in schema.get(keyword, []):
-            if validator.evolve(schema=subschema).is_valid(instance):
+            if _passes(validator, instance, subschema):
                 keys |= _evaluated_keys(validator, instance, subschema)
     if "if" in schema:
         if validator.evolve(schema=schema["if"]).is_valid(instance):
@@ -206,13 +206,18 @@ def _evaluated_keys(validator, instance: dict, schema) -> set[str]:
     return keys
 
 
+def _passes(validator, instance, subschema, path=None) -> bool:
+    """``instance`` is valid under ``subschema`` (descending as jsonschema does: ``$id`` scopes)."""
+    return next(validator.descend(instance, subschema, path=path), None) is None
+
+
 def _unevaluated_properties(validator, unevaluated, instance, schema):
     from jsonschema.exceptions import ValidationError
 
     if not validator.is_type(instance, "object"):
         return
     evaluated = _evaluated_keys(validator, instance, schema)
-    bad = [k for k in instance if k not in evaluated and not validator.evolve(schema=unevaluated).is_valid(instance[k])]
+    bad = [k for k in instance if k not in evaluated and not _passes(validator, instance[k], unevaluated, path=k)]
     if bad:
         yield ValidationError(f"unevaluated properties are not valid ({', '.join(map(repr, sorted(bad)))})")
 
