@@ -167,9 +167,9 @@ class ShardInferencer:
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
         if row.schema is not None:
-            from ossbatch.pipeline.answer import validate_answer
+            from ossbatch.pipeline.answer import answer_fields
 
-            result["output_json"], result["schema_valid"] = validate_answer(parsed.output_text or "", row.schema)
+            result |= answer_fields(parsed.output_text or "", row.schema)
         if self.settings.keep_token_ids:
             result["prompt_token_ids"] = row.prompt
             result["output_token_ids"] = completion.token_ids

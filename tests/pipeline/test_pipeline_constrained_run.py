@@ -98,3 +98,18 @@ def test_schema_rows_count_tokens_as_harmony_parses_them(tiny_model_dir, tmp_pat
             final = tokens[len(tokens) - row["output_tokens"]:]
             assert final[:2] == [channel, enc.encode("final")[0]] and row["output_tokens"] > 3
             assert enc.decode(final[3:-1]) == row["output_text"]
+
+
+def test_a_schema_with_a_catastrophic_pattern_stops_only_its_own_row(tiny_model_dir, tmp_path):
+    """Issue 12's row: the grammar makes the model write the long key, which a backtracking engine
+    would match against ^(a+)+c$ for minutes. The job finishes; the good rows are `ok`."""
+    long_key = "a" * 41 + "b"
+    poison = {"type": "object", "patternProperties": {"^(a+)+c$": {"const": 1}},
+              "properties": {long_key: {"const": 1}}, "required": [long_key],
+              "additionalProperties": False, "maxProperties": 1}
+    rows = [{"id": f"label-{i}", "prompt": f"Review {i}: fine", "schema": LABEL} for i in range(3)]
+    rows.insert(1, {"id": "s1", "prompt": "x", "seed": 1, "temperature": 1.0, "max_reasoning_tokens": 0, "schema": poison})
+    results = _run(tiny_model_dir, tmp_path, rows)
+    assert all(results[f"label-{i}"]["status"] == "ok" and results[f"label-{i}"]["schema_valid"] for i in range(3))
+    row = results["s1"]
+    assert (row["status"], row["schema_valid"], json.loads(row["output_json"])) == ("ok", True, {long_key: 1}), row
