@@ -11,6 +11,7 @@ few hundred steps; each row gets its own bias strength so some rows wander.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -22,6 +23,15 @@ from ossbatch.pipeline.harmony import END, MESSAGE, RETURN, TOKENIZER_VOCAB_SIZE
 from ossbatch.pipeline.masks import BatchConstraint
 
 V = TOKENIZER_VOCAB_SIZE
+
+# A small labeling schema several test files use.
+LABEL_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+LABEL = json.dumps(LABEL_SCHEMA)
 
 
 @lru_cache(maxsize=1)

@@ -3,19 +3,13 @@
 import json
 
 import pytest
+from constraint_driver import LABEL, LABEL_SCHEMA
 
 from ossbatch.pipeline.answer import validate_answer
 from ossbatch.pipeline.grammar import compile_row_grammar
 from ossbatch.pipeline.harmony import CHANNEL, MESSAGE, RETURN, harmony_encoding
 from ossbatch.pipeline.response_format import SchemaRefused
 
-LABEL_SCHEMA = {
-    "type": "object",
-    "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
-    "required": ["label"],
-    "additionalProperties": False,
-}
-LABEL = json.dumps(LABEL_SCHEMA)
 
 
 def test_no_constraint_is_none():

@@ -3,18 +3,12 @@
 import json
 
 import pytest
+from constraint_driver import LABEL, LABEL_SCHEMA
 from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
 from ossbatch.pipeline.harmony import harmony_encoding
 from ossbatch.pipeline.response_format import SchemaRefused, response_format_section
 
-LABEL_SCHEMA = {
-    "type": "object",
-    "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
-    "required": ["label"],
-    "additionalProperties": False,
-}
-LABEL = json.dumps(LABEL_SCHEMA)
 
 
 def test_response_format_section_layout():
