@@ -1,5 +1,11 @@
-"""The generation loop: prefill, then decode until every row stops on a stop
-token or reaches its max tokens.
+"""The generation loop, in steps (as gpt-fast separates prefill and decode):
+
+- `SlotScheduler`: which rows hold the KV cache's slots: admit waiting rows,
+  free a stopped row's slot, refill it;
+- `Forward.prefill`: the admitted rows' prompts, packed, a prefill group per
+  forward pass;
+- `Forward.decode`: one token for every row still generating;
+- `sample_and_stop`: masks, sampling, logprobs, and which rows stop.
 
 Rows that have stopped leave the batch (later forward passes compute only the
 rows still generating, counted in `decode_slots`), and with fewer KV-cache
@@ -16,8 +22,9 @@ from typing import Protocol
 import torch
 
 from ossbatch.engine.kv_cache import KVCache
-from ossbatch.engine.model import Step, Transformer
+from ossbatch.engine.model import Transformer
 from ossbatch.engine.sampling import sample
+from ossbatch.engine.step import Step
 
 
 @dataclass
@@ -56,7 +63,9 @@ class TokenConstraint(Protocol):
 
 
 @dataclass
-class _Batch:
+class RowSettings:
+    """Every row's sampling settings, as tensors indexed by row."""
+
     params: list[SamplingParams]
     temperature: torch.Tensor = field(init=False)
     top_p: torch.Tensor = field(init=False)
@@ -68,6 +77,121 @@ class _Batch:
         self.top_p = torch.tensor([p.top_p for p in self.params], dtype=torch.float64)
         self.seeds = torch.tensor([p.seed for p in self.params], dtype=torch.int64)
         self.max_tokens = torch.tensor([p.max_tokens for p in self.params], dtype=torch.int64)
+
+
+class SlotScheduler:
+    """Rows waiting for, and holding, the KV cache's slots.
+
+    Rows are admitted in `order` into the lowest free slots. While others
+    decode, rows wait until at least an eighth of the slots are free (or as
+    many as are still waiting), so each refill prefill is a batch, not a row.
+    """
+
+    def __init__(self, order: list[int], rows: int, slots: int):
+        self.waiting = deque(order)
+        self.free_slots = list(range(slots))
+        self.slot_of = torch.full((rows,), -1, dtype=torch.int64)
+        self.refill_at = 1 if slots == rows else max(1, slots // 8)
+
+    def admit(self, decoding: int) -> list[int]:
+        """Waiting rows that take free slots now, given how many rows are decoding."""
+        waiting, free = self.waiting, self.free_slots
+        if not waiting or not free or (decoding and len(free) < min(self.refill_at, len(waiting))):
+            return []
+        free.sort()
+        rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        for row in rows:
+            self.slot_of[row] = free.pop(0)
+        return rows
+
+    def free(self, rows: list[int]) -> None:
+        self.free_slots.extend(int(self.slot_of[row]) for row in rows)
+
+    def in_slot_order(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[torch.argsort(self.slot_of[rows])]  # Step.build wants sorted cache rows
+
+
+class Forward:
+    """The model over one KV cache of `slots` rows; each step's logits land in one buffer
+    (allocating [rows, V] afresh every step costs page faults), admitted rows first."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int):
+        self.model, self.slots = model, slots
+        self.cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
+        self.kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
+        self.logits = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
+
+    def prefill(self, chunks: list[tuple[torch.Tensor, list[list[int]]]]) -> int:
+        """Each chunk (its rows' slots, their prompts) runs packed in one forward pass; logits at each
+        row's last prompt token. Returns the padded prompt slots (rows x longest prompt)."""
+        done = padded = 0
+        for slots, prompts in chunks:
+            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+            self.kv_len[slots] = lengths
+            tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+            positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots)
+            self.model.forward(tokens, step, self.cache, torch.cumsum(lengths, 0) - 1, out=self.logits[done : done + len(prompts)])
+            padded += len(prompts) * int(lengths.max())
+            done += len(prompts)
+        return padded
+
+    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, first: int) -> None:
+        """One token for each of `slots` (sorted); logits into rows first.. of the buffer."""
+        positions = self.kv_len[slots].clone()
+        self.kv_len[slots] += 1
+        step = Step.build(slots, positions, self.kv_len, self.slots)
+        self.model.forward(tokens, step, self.cache, torch.arange(slots.numel()), out=self.logits[first : first + slots.numel()])
+
+
+class Outputs:
+    """What each row has generated so far, and why it finished."""
+
+    def __init__(self, rows: int, max_tokens: int, logprobs: bool):
+        self.tokens = torch.zeros(rows, max_tokens, dtype=torch.int64)
+        self.logprobs = torch.zeros(rows, max_tokens, dtype=torch.float32) if logprobs else None
+        self.count = torch.zeros(rows, dtype=torch.int64)
+        self.last_token = torch.zeros(rows, dtype=torch.int64)
+        self.finish = [""] * rows
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(
+                token_ids=self.tokens[row, :n].tolist(),
+                finish_reason=self.finish[row],
+                logprobs=self.logprobs[row, :n].tolist() if self.logprobs is not None else None,
+            )
+            for row, n in enumerate(self.count.tolist())
+        ]
+
+
+def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSettings, outputs: Outputs, stops: torch.Tensor,
+                    constraint: TokenConstraint | None, masked_buffer: torch.Tensor | None) -> torch.Tensor:
+    """Samples a token for each `live` row from its logits (masked by the constraint), records it
+    (with its logprob under the unmasked distribution) and returns which rows ended."""
+    raw = logits  # the model's distribution, before any mask
+    log_normalizer = torch.logsumexp(raw, dim=-1) if outputs.logprobs is not None else None
+    if constraint is not None:
+        logits = masked_buffer[: live.numel()].copy_(logits)
+        constraint.apply(logits, live.tolist())
+    count = outputs.count[live]
+    on_device = lambda t: t.to(logits.device)  # noqa: E731
+    next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
+                         on_device(settings.seeds[live]), on_device(count))
+    if outputs.logprobs is not None:
+        outputs.logprobs[live, count] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
+    next_tokens = next_tokens.cpu()
+    outputs.tokens[live, count] = next_tokens
+    outputs.last_token[live] = next_tokens
+    outputs.count[live] += 1
+    if constraint is not None:
+        constraint.advance(next_tokens, rows=live.tolist())
+
+    stopped = torch.isin(next_tokens, stops)
+    ended = stopped | (outputs.count[live] >= settings.max_tokens[live])
+    for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
+        outputs.finish[row] = "stop" if is_stop else "length"
+    return ended
 
 
 @torch.inference_mode()
@@ -90,124 +214,50 @@ def generate(
     `slots` (default: one per row) is the number of KV-cache rows. With fewer
     slots than rows, rows are admitted in group order as slots free up: a row
     that stops hands its slot to the next waiting row, so the decode batch
-    stays full while rows finish at different lengths. Rows wait until at
-    least an eighth of the slots are free (or nothing else is decoding), so
-    each refill prefill is a batch, not a row.
+    stays full while rows finish at different lengths (see `SlotScheduler`).
     """
     started = time.perf_counter()
     batch = len(prompts)
     slots = batch if slots is None else slots
     if not 1 <= slots <= batch:
         raise ValueError(f"slots must be from 1 to the number of rows ({batch}), got {slots}")
-    settings = _Batch(params)
+    settings = RowSettings(params)
     prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     if bool((prompt_len == 0).any()) or bool((settings.max_tokens <= 0).any()):
         raise ValueError("every row needs a non-empty prompt and max_tokens >= 1")
-    max_len = int((prompt_len + settings.max_tokens).max())
-    model.ensure_positions(max_len)
-    cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
-    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
     groups = [sorted(g) for g in prefill_groups] if prefill_groups else [list(range(batch))]
     if sorted(row for g in groups for row in g) != list(range(batch)):
         raise ValueError("prefill_groups must partition the rows")
-    stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
     group_of = {row: n for n, g in enumerate(groups) for row in g}
-    waiting = deque(row for g in groups for row in g)
-    free_slots = list(range(slots))
-    slot_of = torch.full((batch,), -1, dtype=torch.int64)
-    kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
-    refill_at = 1 if slots == batch else max(1, slots // 8)
-    # Logits land in one buffer: allocating [rows, V] afresh every step costs page faults.
-    logits_buffer = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
-    masked_buffer = torch.empty_like(logits_buffer) if constraint is not None else None
 
-    def admit(decoding: int) -> list[int]:
-        """Waiting rows that take free slots now, in group order (lowest slots first)."""
-        if not waiting or not free_slots or (decoding and len(free_slots) < min(refill_at, len(waiting))):
-            return []
-        free_slots.sort()
-        rows = [waiting.popleft() for _ in range(min(len(free_slots), len(waiting)))]
-        for row in rows:
-            slot_of[row] = free_slots.pop(0)
-        return rows
-
-    def prefill(rows: list[int]) -> None:
-        """The admitted rows' prompts, packed, a group per forward pass; logits at each row's last token."""
-        done = 0
-        chunks: dict[int, list[int]] = {}
-        for row in rows:
-            chunks.setdefault(group_of[row], []).append(row)
-        for chunk in chunks.values():
-            lengths = prompt_len[chunk]
-            chunk_slots = slot_of[chunk]
-            kv_len[chunk_slots] = lengths
-            tokens = torch.tensor([t for row in chunk for t in prompts[row]], dtype=torch.int64)
-            positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-            step = Step.build(torch.repeat_interleave(chunk_slots, lengths), positions, kv_len, slots)
-            model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1, out=logits_buffer[done : done + len(chunk)])
-            stats.padded_prompt_slots += len(chunk) * int(lengths.max())
-            done += len(chunk)
-
-    generated = torch.zeros(batch, int(settings.max_tokens.max()), dtype=torch.int64)
-    token_logprobs = torch.zeros(batch, generated.shape[1], dtype=torch.float32) if logprobs else None
-    count = torch.zeros(batch, dtype=torch.int64)
-    last_token = torch.zeros(batch, dtype=torch.int64)
-    finish = [""] * batch
+    max_len = int((prompt_len + settings.max_tokens).max())
+    model.ensure_positions(max_len)
+    forward = Forward(model, slots, max_len)
+    scheduler = SlotScheduler([row for g in groups for row in g], batch, slots)
+    outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs)
+    stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
+    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
+    masked_buffer = torch.empty_like(forward.logits) if constraint is not None else None
     decoding = torch.zeros(0, dtype=torch.int64)  # rows that decode this step, in slot order
 
     while True:
-        admitted = admit(decoding.numel())
+        admitted = scheduler.admit(decoding.numel())
         live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
         if constraint is not None:
             constraint.prepare(live.tolist())  # masks computed while the forward passes run
-        prefill(admitted)
+        chunks: dict[int, list[int]] = {}
+        for row in admitted:
+            chunks.setdefault(group_of[row], []).append(row)
+        stats.padded_prompt_slots += forward.prefill([(scheduler.slot_of[c], [prompts[r] for r in c]) for c in chunks.values()])
         if decoding.numel():
-            decode_slots = slot_of[decoding]
-            positions = kv_len[decode_slots].clone()
-            kv_len[decode_slots] += 1
-            n = len(admitted)
-            model.forward(last_token[decoding], Step.build(decode_slots, positions, kv_len, slots), cache,
-                          torch.arange(decoding.numel()), out=logits_buffer[n : n + decoding.numel()])
+            forward.decode(scheduler.slot_of[decoding], outputs.last_token[decoding], first=len(admitted))
             stats.decode_slots += decoding.numel()
-        logits = logits_buffer[: live.numel()]
         stats.steps += 1
-        raw = logits  # the model's distribution, before any mask
-        log_normalizer = torch.logsumexp(raw, dim=-1) if logprobs else None
-        if constraint is not None:
-            logits = masked_buffer[: live.numel()].copy_(logits)
-            constraint.apply(logits, live.tolist())
-        on_device = lambda t: t.to(logits.device)  # noqa: E731
-        next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
-                             on_device(settings.seeds[live]), on_device(count[live]))
-        if logprobs:
-            token_logprobs[live, count[live]] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
-        next_tokens = next_tokens.cpu()
-        generated[live, count[live]] = next_tokens
-        last_token[live] = next_tokens
-        count[live] += 1
-        if constraint is not None:
-            constraint.advance(next_tokens, rows=live.tolist())
-
-        stopped = torch.isin(next_tokens, stops)
-        ended = stopped | (count[live] >= settings.max_tokens[live])
-        for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
-            finish[row] = "stop" if is_stop else "length"
-            free_slots.append(int(slot_of[row]))
-        # Rows still generating decode next step, in slot order (Step.build wants sorted cache rows).
-        decoding = live[~ended]
-        decoding = decoding[torch.argsort(slot_of[decoding])]
-        if not decoding.numel() and not waiting:
+        ended = sample_and_stop(forward.logits[: live.numel()], live, settings, outputs, stops, constraint, masked_buffer)
+        scheduler.free(live[ended].tolist())
+        decoding = scheduler.in_slot_order(live[~ended])
+        if not decoding.numel() and not scheduler.waiting:
             break
 
     stats.seconds = time.perf_counter() - started
-    completions = []
-    for row in range(batch):
-        n = int(count[row])
-        completions.append(
-            Completion(
-                token_ids=generated[row, :n].tolist(),
-                finish_reason=finish[row],
-                logprobs=token_logprobs[row, :n].tolist() if logprobs else None,
-            )
-        )
-    return completions, stats
+    return outputs.completions(), stats
