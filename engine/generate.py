@@ -3,7 +3,8 @@
 - `SlotScheduler`: which rows hold the KV cache's slots: admit waiting rows,
   free a stopped row's slot, refill it;
 - `Forward.prefill`: the admitted rows' prompts, packed, a prefill group per
-  forward pass;
+  forward pass (a shared prefix once, before its first rows; then each row's
+  own suffix);
 - `Forward.decode`: one token for every row still generating;
 - `sample_and_stop`: masks, sampling, logprobs, and which rows stop.
 
@@ -12,6 +13,10 @@ rows still generating, counted in `decode_slots`), and with fewer KV-cache
 slots than rows their slots go to waiting rows. An optional constraint
 (structured outputs) masks each step's logits; its masks are computed while
 the model runs the forward pass.
+
+Rows named in a `SharedPrefix` begin with the same tokens: the prefix is
+prefilled once, its KV stored once (`kv_cache.PrefixKV`), and every decode step
+reads it once for all its rows (cascade attention, `engine.attend`).
 """
 
 import time
@@ -21,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from ossbatch.engine.kv_cache import KVCache
+from ossbatch.engine.kv_cache import KVCache, PrefixKV
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.sampling import sample
 from ossbatch.engine.step import Step
@@ -40,11 +45,22 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens read from a shared prefix, not computed for this row
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows whose prompts begin with the same `length` tokens."""
+
+    rows: tuple[int, ...]
+    length: int
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_computed: int = 0  # prompt tokens run through the model (a shared prefix counts once)
+    kv_cache_bytes: int = 0  # the KV cache held: the slots and one copy of each shared prefix
     padded_prompt_slots: int = 0  # B x longest prompt: what a padded prefill would hold
     decode_slots: int = 0  # rows x decode steps actually computed
     steps: int = 0
@@ -112,35 +128,69 @@ class SlotScheduler:
 
 
 class Forward:
-    """The model over one KV cache of `slots` rows; each step's logits land in one buffer
-    (allocating [rows, V] afresh every step costs page faults), admitted rows first."""
+    """The model over one KV cache of `slots` rows and the shared prefixes' store; each step's
+    logits land in one buffer (allocating [rows, V] afresh every step costs page faults),
+    admitted rows first."""
 
-    def __init__(self, model: Transformer, slots: int, max_len: int):
-        self.model, self.slots = model, slots
+    def __init__(self, model: Transformer, slots: int, max_len: int, prefixes: list[list[int]]):
+        self.model, self.slots, self.prefixes = model, slots, prefixes
         self.cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
         self.kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
         self.logits = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
+        self.prefix_len = self.prefix_of = None  # per slot, once rows share prefixes: the prefix's length and id
+        if prefixes:
+            self.cache.prefix = PrefixKV(model.config, [len(p) for p in prefixes], model.dtype, model.device)
+            self.prefix_ready = [False] * len(prefixes)
+            self.prefix_len = torch.zeros(slots, dtype=torch.int64)
+            self.prefix_of = torch.full((slots,), -1, dtype=torch.int64)
+        self.computed = 0  # prompt tokens run through the model
 
-    def prefill(self, chunks: list[tuple[torch.Tensor, list[list[int]]]]) -> int:
-        """Each chunk (its rows' slots, their prompts) runs packed in one forward pass; logits at each
-        row's last prompt token. Returns the padded prompt slots (rows x longest prompt)."""
+    def prefill(self, chunks: list[tuple[torch.Tensor, list[list[int]], list[int]]]) -> int:
+        """Each chunk (its rows' slots, their prompts, their prefix ids or -1) runs packed in one
+        forward pass, after the prefixes it needs; logits at each row's last prompt token.
+        Returns the padded prompt slots (rows x longest prompt computed)."""
         done = padded = 0
-        for slots, prompts in chunks:
-            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        for slots, prompts, prefix_ids in chunks:
+            offsets = [len(self.prefixes[p]) if p >= 0 else 0 for p in prefix_ids]
+            if self.prefixes:
+                self._prefill_prefixes(sorted({p for p in prefix_ids if p >= 0 and not self.prefix_ready[p]}))
+                self.prefix_len[slots] = torch.tensor(offsets, dtype=torch.int64)
+                self.prefix_of[slots] = torch.tensor(prefix_ids, dtype=torch.int64)
+            own = [p[n:] for p, n in zip(prompts, offsets)]
+            lengths = torch.tensor([len(p) for p in own], dtype=torch.int64)
             self.kv_len[slots] = lengths
-            tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
-            positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots)
+            tokens = torch.tensor([t for p in own for t in p], dtype=torch.int64)
+            positions = torch.cat([torch.arange(n, n + len(p)) for p, n in zip(own, offsets)])
+            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
             self.model.forward(tokens, step, self.cache, torch.cumsum(lengths, 0) - 1, out=self.logits[done : done + len(prompts)])
             padded += len(prompts) * int(lengths.max())
+            self.computed += int(lengths.sum())
             done += len(prompts)
         return padded
+
+    def _prefill_prefixes(self, ids: list[int]) -> None:
+        """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read."""
+        if not ids:
+            return
+        prompts = [self.prefixes[p] for p in ids]
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        step = Step.build(torch.repeat_interleave(torch.arange(len(ids)), lengths), positions, lengths, len(ids))
+        self.model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
+        self.cache.prefix.store(ids, scratch)
+        self.computed += int(lengths.sum())
+        for p in ids:
+            self.prefix_ready[p] = True
 
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, first: int) -> None:
         """One token for each of `slots` (sorted); logits into rows first.. of the buffer."""
         positions = self.kv_len[slots].clone()
+        if self.prefix_len is not None:
+            positions += self.prefix_len[slots]
         self.kv_len[slots] += 1
-        step = Step.build(slots, positions, self.kv_len, self.slots)
+        step = Step.build(slots, positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
         self.model.forward(tokens, step, self.cache, torch.arange(slots.numel()), out=self.logits[first : first + slots.numel()])
 
 
@@ -154,12 +204,13 @@ class Outputs:
         self.last_token = torch.zeros(rows, dtype=torch.int64)
         self.finish = [""] * rows
 
-    def completions(self) -> list[Completion]:
+    def completions(self, cached_prompt_tokens: list[int]) -> list[Completion]:
         return [
             Completion(
                 token_ids=self.tokens[row, :n].tolist(),
                 finish_reason=self.finish[row],
                 logprobs=self.logprobs[row, :n].tolist() if self.logprobs is not None else None,
+                cached_prompt_tokens=cached_prompt_tokens[row],
             )
             for row, n in enumerate(self.count.tolist())
         ]
@@ -204,6 +255,7 @@ def generate(
     logprobs: bool = False,
     prefill_groups: list[list[int]] | None = None,
     slots: int | None = None,
+    shared_prefixes: list[SharedPrefix] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -215,6 +267,11 @@ def generate(
     slots than rows, rows are admitted in group order as slots free up: a row
     that stops hands its slot to the next waiting row, so the decode batch
     stays full while rows finish at different lengths (see `SlotScheduler`).
+
+    `shared_prefixes` name rows whose prompts begin with the same tokens: each
+    prefix is prefilled once and stored once, and its rows compute only the
+    rest of their prompts. A prefix is used up to one token short of its
+    shortest row's prompt (a row's last prompt token gives its first logits).
     """
     started = time.perf_counter()
     batch = len(prompts)
@@ -229,10 +286,11 @@ def generate(
     if sorted(row for g in groups for row in g) != list(range(batch)):
         raise ValueError("prefill_groups must partition the rows")
     group_of = {row: n for n, g in enumerate(groups) for row in g}
+    prefixes, prefix_of = _shared_prefixes(shared_prefixes or [], prompts)
+    cached = [len(prefixes[p]) if p >= 0 else 0 for p in prefix_of]
 
-    max_len = int((prompt_len + settings.max_tokens).max())
-    model.ensure_positions(max_len)
-    forward = Forward(model, slots, max_len)
+    model.ensure_positions(int((prompt_len + settings.max_tokens).max()))
+    forward = Forward(model, slots, int((prompt_len - torch.tensor(cached) + settings.max_tokens).max()), prefixes)
     scheduler = SlotScheduler([row for g in groups for row in g], batch, slots)
     outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs)
     stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
@@ -248,7 +306,8 @@ def generate(
         chunks: dict[int, list[int]] = {}
         for row in admitted:
             chunks.setdefault(group_of[row], []).append(row)
-        stats.padded_prompt_slots += forward.prefill([(scheduler.slot_of[c], [prompts[r] for r in c]) for c in chunks.values()])
+        stats.padded_prompt_slots += forward.prefill(
+            [(scheduler.slot_of[c], [prompts[r] for r in c], [prefix_of[r] for r in c]) for c in chunks.values()])
         if decoding.numel():
             forward.decode(scheduler.slot_of[decoding], outputs.last_token[decoding], first=len(admitted))
             stats.decode_slots += decoding.numel()
@@ -260,4 +319,28 @@ def generate(
             break
 
     stats.seconds = time.perf_counter() - started
-    return outputs.completions(), stats
+    stats.prompt_computed, stats.kv_cache_bytes = forward.computed, forward.cache.nbytes
+    return outputs.completions(cached), stats
+
+
+def _shared_prefixes(shared: list[SharedPrefix], prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The prefixes to prefill (each cut to one token short of its shortest row's prompt) and each
+    row's prefix id (-1: none). A prefix of one row, or of no tokens once cut, is not shared."""
+    prefixes: list[list[int]] = []
+    prefix_of = [-1] * len(prompts)
+    for n, group in enumerate(shared):
+        rows = list(group.rows)
+        for row in rows:
+            if not 0 <= row < len(prompts):
+                raise ValueError(f"shared_prefixes[{n}]: row {row} is not a row of this batch")
+            if prefix_of[row] != -1 or rows.count(row) > 1:
+                raise ValueError(f"shared_prefixes[{n}]: row {row} is named by more than one shared prefix")
+            if group.length > len(prompts[row]) or prompts[row][: group.length] != prompts[rows[0]][: group.length]:
+                raise ValueError(f"shared_prefixes[{n}]: row {row}'s prompt does not begin with the prefix's {group.length} tokens")
+        length = min([group.length] + [len(prompts[row]) - 1 for row in rows])
+        if len(rows) < 2 or length < 1:
+            continue
+        for row in rows:
+            prefix_of[row] = len(prefixes)
+        prefixes.append(prompts[rows[0]][:length])
+    return prefixes, prefix_of

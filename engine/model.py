@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ossbatch.engine.attend import attend
 from ossbatch.engine.config import ModelConfig
 from ossbatch.engine.expert_cache import ExpertCache
 from ossbatch.engine.kv_cache import KVCache
@@ -68,17 +69,9 @@ class AttentionBlock:
         k = qkv[:, q_dim : q_dim + kv_dim].reshape(-1, c.num_key_value_heads, c.head_dim)
         v = qkv[:, q_dim + kv_dim :].reshape(-1, c.num_key_value_heads, c.head_dim)
         q, k = self.rope(q, step.positions), self.rope(k, step.positions)
-        k_cache, v_cache = cache.write(self.layer, step.rows, step.positions, k, v)
-        if not step.whole_batch:
-            # Only some rows take part (a prefill group, or rows still decoding): attend over theirs alone.
-            span = int(step.kv_len.max())
-            k_cache, v_cache = k_cache[step.members, :span], v_cache[step.members, :span]
-
-        q_rows = q.new_zeros(step.q_positions.shape + q.shape[1:])
-        q_rows[step.member_index, step.slots] = q
         with onednn_fp32_precision("ieee") if self.ieee_attention else contextlib.nullcontext():
-            out = self.ops.attention(q_rows, k_cache, v_cache, w.sinks, step.q_positions, step.kv_len, self.window, c.sm_scale)
-        out = out[step.member_index, step.slots].reshape(-1, q_dim)
+            out = attend(self.ops, q, k, v, step, cache, self.layer, w.sinks, self.window, c.sm_scale)
+        out = out.reshape(-1, q_dim)
         return x + torch.addmm(w.out_bias, out, w.out_weight.t())
 
 
