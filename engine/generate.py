@@ -61,6 +61,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     prompt_computed: int = 0  # prompt tokens run through the model (a shared prefix counts once)
     kv_cache_bytes: int = 0  # the KV cache held: the slots and one copy of each shared prefix
+    kv_bytes_saved: int = 0  # what a cache without sharing would hold for these rows, less kv_cache_bytes
     padded_prompt_slots: int = 0  # B x longest prompt: what a padded prefill would hold
     decode_slots: int = 0  # rows x decode steps actually computed
     steps: int = 0
@@ -289,7 +290,8 @@ def generate(
     prefixes, prefix_of = _shared_prefixes(shared_prefixes or [], prompts)
     cached = [len(prefixes[p]) if p >= 0 else 0 for p in prefix_of]
 
-    model.ensure_positions(int((prompt_len + settings.max_tokens).max()))
+    unshared_len = int((prompt_len + settings.max_tokens).max())
+    model.ensure_positions(unshared_len)
     forward = Forward(model, slots, int((prompt_len - torch.tensor(cached) + settings.max_tokens).max()), prefixes)
     scheduler = SlotScheduler([row for g in groups for row in g], batch, slots)
     outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs)
@@ -320,6 +322,8 @@ def generate(
 
     stats.seconds = time.perf_counter() - started
     stats.prompt_computed, stats.kv_cache_bytes = forward.computed, forward.cache.nbytes
+    per_slot_token = sum(t[0, 0].numel() * t.element_size() for t in forward.cache.k + forward.cache.v)
+    stats.kv_bytes_saved = max(0, slots * unshared_len * per_slot_token - stats.kv_cache_bytes)
     return outputs.completions(cached), stats
 
 

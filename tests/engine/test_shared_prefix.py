@@ -58,6 +58,7 @@ def test_sharing_gives_every_row_its_unshared_tokens(model):
     unique = sum(len(p) for p in prompts) - 2 * (WINDOW - 2) - 2 * long_len
     assert stats.prompt_computed == unique < alone_stats.prompt_computed == alone_stats.prompt_tokens
     assert stats.kv_cache_bytes < alone_stats.kv_cache_bytes
+    assert stats.kv_bytes_saved == alone_stats.kv_cache_bytes - stats.kv_cache_bytes and alone_stats.kv_bytes_saved == 0
     assert stats.decode_slots == alone_stats.decode_slots
 
 
@@ -83,6 +84,32 @@ def test_n_samples_of_one_prompt(model):
     _assert_same(alone, shared)
     assert len({tuple(c.token_ids) for c in shared}) > 1
     assert stats.prompt_computed == len(prompt) - 1 + 4
+
+
+class _EveryThirdToken:
+    """A stand-in for structured outputs: row r may only emit tokens t with t % 3 == r % 3."""
+
+    def __init__(self):
+        self.seen: list[list[int]] = []
+
+    def prepare(self, rows):
+        pass
+
+    def apply(self, logits, rows):
+        allowed = torch.arange(logits.shape[1])[None, :] % 3 == torch.tensor(rows)[:, None] % 3
+        logits.masked_fill_(~allowed, float("-inf"))
+
+    def advance(self, tokens, rows):
+        self.seen.append(rows)
+
+
+def test_constrained_rows_share_as_unconstrained_ones_do(model):
+    prompts, shared = _batch(7)
+    params = [SamplingParams(max_tokens=NEW_TOKENS)] * len(prompts)
+    alone, _ = generate(model, prompts, params, [], logprobs=True, constraint=_EveryThirdToken(), slots=4)
+    together, _ = generate(model, prompts, params, [], logprobs=True, constraint=_EveryThirdToken(), slots=4, shared_prefixes=shared)
+    _assert_same(alone, together)
+    assert all(t % 3 == row % 3 for row, c in enumerate(together) for t in c.token_ids)
 
 
 def test_shared_prefix_is_checked(model):
