@@ -174,3 +174,18 @@ def test_triton_backend_shares_as_torch_does(checkpoint, model):
         assert shared_tokens == alone_tokens == expected.token_ids, f"row {row}"
         assert max(abs(a - b) for a, b in zip(alone_lp, shared_lp)) <= 1e-5, f"row {row}"
         assert max(abs(a - b) for a, b in zip(expected.logprobs, shared_lp)) <= 1e-3, f"row {row}"
+
+
+def test_prefix_is_stored_once_and_windowed_layers_keep_the_tail():
+    from ossbatch.engine.kv_cache import KVCache, PrefixKV
+
+    config = preset_config("tiny", num_hidden_layers=2, sliding_window=4)  # layer 0 windowed, layer 1 full
+    store = PrefixKV(config, [9, 2], torch.float32)
+    assert store.k[0].shape[:2] == (2, 3) and store.k[1].shape[:2] == (2, 9)
+    assert store.start[0].tolist() == [6, 0] and store.start[1].tolist() == [0, 0]
+    filled = KVCache.for_model(config, 2, 9, torch.float32)
+    for layer in range(2):
+        filled.k[layer][:] = torch.arange(9, dtype=torch.float32)[None, :, None, None]
+    store.store([0, 1], filled)
+    assert store.k[0][0, :, 0, 0].tolist() == [6, 7, 8]  # positions 6..8: all a query at 9+ sees through a window of 4
+    assert store.k[1][0, :, 0, 0].tolist() == list(range(9)) and store.k[1][1, :2, 0, 0].tolist() == [0, 1]
