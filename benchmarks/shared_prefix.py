@@ -21,7 +21,7 @@ from common import bench_model_dir, table
 
 from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
-from ossbatch.pipeline.bucket import group_shared_prefixes, pack_batches_by_prefix
+from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.render import render_prompt
 
 _WORDS = ("label positive negative neutral invoice refund shipping delay account billing spam urgent "
@@ -54,7 +54,8 @@ def run_case(model, prompts, params, share: bool, slots: int, batch_tokens: int)
     order = [r for rows, _ in buckets for r in rows]
     position = {r: i for i, r in enumerate(order)}
     groups = [[position[r] for r in rows] for rows, _ in buckets]
-    shared = [SharedPrefix(tuple(position[r] for r in g.rows), g.length) for g in group_shared_prefixes(prompts) if g.length] if share else None
+    prefix_groups = {id(g): g for _, g in buckets if g.length}.values()
+    shared = [SharedPrefix(tuple(position[r] for r in g.rows), g.length) for g in prefix_groups]
     started = time.perf_counter()
     completions, stats = generate(model, [prompts[r] for r in order], [params[r] for r in order], [], prefill_groups=groups,
                                   slots=min(slots, len(order)), shared_prefixes=shared)

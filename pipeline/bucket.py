@@ -110,23 +110,24 @@ def _best_ranges(order: list[int], lcp: list[int], prompts: list[list[int]], min
 
 
 def pack_batches_by_prefix(prompts: list[list[int]], max_new_tokens: list[int], batch_tokens: int, max_batch_rows: int,
-                           share: bool = True, min_tokens: int = 16, max_padding: float = 0.10) -> list[tuple[list[int], int]]:
-    """Length buckets formed within prefix groups: (row indices, their group's shared prefix
-    length) per bucket, a group's buckets one after another (so a refill run of consecutive
-    buckets shares the prefix across them).
+                           share: bool = True, min_tokens: int = 16, max_padding: float = 0.10) -> list[tuple[list[int], PrefixGroup]]:
+    """Length buckets formed within prefix groups: (row indices, their prefix group) per bucket,
+    a group's buckets one after another (so a refill run of consecutive buckets shares the prefix
+    across them).
 
     Within a group a bucket's cost counts only what its rows hold past the prefix (the prefix is
     stored once), so sharing lets more rows into a bucket; lengths bucket over the rows' own
     tokens, so sharing and length bucketing work together. `share=False` (--no-prefix-sharing)
-    gives `pack_batches` over the whole prompts, every bucket with prefix length 0.
+    gives `pack_batches` over the whole prompts, all in one group of prefix length 0.
     """
     lengths = [len(p) for p in prompts]
     if not share:
-        return [(bucket, 0) for bucket in pack_batches(lengths, max_new_tokens, batch_tokens, max_batch_rows, max_padding)]
+        nothing = PrefixGroup(list(range(len(prompts))), 0)
+        return [(bucket, nothing) for bucket in pack_batches(lengths, max_new_tokens, batch_tokens, max_batch_rows, max_padding)]
     buckets = []
     for group in group_shared_prefixes(prompts, min_tokens):
         own = [lengths[r] - group.length for r in group.rows]
         for bucket in pack_batches(own, [max_new_tokens[r] for r in group.rows], batch_tokens, max_batch_rows, max_padding):
             rows = [group.rows[i] for i in bucket]
-            buckets.append((rows, group.length))
+            buckets.append((rows, group))
     return buckets

@@ -58,9 +58,13 @@ def test_buckets_stay_within_groups_and_fit_more_rows():
     shared = pack_batches_by_prefix(prompts, budgets, batch_tokens=4000, max_batch_rows=64, max_padding=1e9)
     group_of = {r: n for n, g in enumerate(group_shared_prefixes(prompts)) for r in g.rows}
     assert sorted(r for rows, _ in shared for r in rows) == list(range(60))
-    for rows, length in shared:
-        assert len({group_of[r] for r in rows}) == 1 and length == 420
-        assert len(rows) * (max(len(prompts[r]) for r in rows) - length + 50) <= 4000
+    # A group's buckets come one after another.
+    order = [group_of[rows[0]] for rows, _ in shared]
+    assert order == sorted(order, key=order.index)
+    for rows, group in shared:
+        assert {group_of[r] for r in rows} == {group_of[group.rows[0]]} and group.length == 420
+        assert len(rows) * (max(len(prompts[r]) for r in rows) - group.length + 50) <= 4000
     plain = pack_batches_by_prefix(prompts, budgets, batch_tokens=4000, max_batch_rows=64, share=False, max_padding=1e9)
-    assert plain == [(b, 0) for b in pack_batches([len(p) for p in prompts], budgets, 4000, 64, 1e9)]
+    assert [rows for rows, _ in plain] == pack_batches([len(p) for p in prompts], budgets, 4000, 64, 1e9)
+    assert {g.length for _, g in plain} == {0}
     assert len(shared) < len(plain)  # the prefix counted once lets far more rows into a bucket
