@@ -2,10 +2,10 @@
 
 1. Mask time per decoding step for a labeling schema at batch 1, 64 and 256: each row
    replays a plausible completion (analysis text, then the JSON answer) through
-   `BatchConstraint`; the medians of `timings()` over the steps where every row is still
-   generating: `mask` (llguidance, in a background thread: hidden behind the forward
-   pass up to its length), `apply` (masking [B, 201088] float32 logits on the CPU) and
-   `advance` (consuming the sampled tokens).
+   `BatchConstraint`; the medians over the steps where every row is still generating of:
+   `mask` (llguidance, in a background thread: hidden behind the forward pass up to its
+   length), `apply` (masking [B, 201088] float32 logits on the CPU) and `advance`
+   (consuming the sampled tokens), each timed by `TimedConstraint` below.
 2. The engine with and without constraints: `engine.generate` on the 4-layer, 32-expert,
    hidden-512 random model (full vocabulary), rendered prompts carrying the labeling
    schema (reasoning budget 16), greedy, no stop tokens (equal work), at batch 1, 8 and 32:
@@ -24,7 +24,10 @@ import time
 import torch
 from common import bench_model_dir, prompts_text, table
 
-from ossbatch.pipeline import constrain as C
+from ossbatch.pipeline.grammar import compile_row_grammar
+from ossbatch.pipeline.harmony import CHANNEL, END, MESSAGE, RETURN, START, TOKENIZER_VOCAB_SIZE, harmony_encoding, lltokenizer
+from ossbatch.pipeline.masks import BatchConstraint
+from ossbatch.pipeline.response_format import response_format_section
 
 LABEL_SCHEMA = {
     "type": "object",
@@ -45,37 +48,67 @@ _EVIDENCE = ["arrived late", "battery died fast but the screen is lovely", "love
              "broke after two days, want a refund", "works as described, nothing special"]
 
 
+class TimedConstraint(BatchConstraint):
+    """BatchConstraint timing each call, in seconds per step: `mask` (the background fill),
+    `wait` (`apply` blocked on the masks), `apply` (masking the logits), `advance`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timings: dict[str, list[float]] = {"mask": [], "wait": [], "apply": [], "advance": []}
+        self._waited = 0.0
+
+    def _fill(self, rows, bitmask):
+        started = time.perf_counter()
+        super()._fill(rows, bitmask)
+        self.timings["mask"].append(time.perf_counter() - started)
+
+    def _finish_pending(self):
+        started = time.perf_counter()
+        super()._finish_pending()
+        self._waited = time.perf_counter() - started
+
+    def apply(self, logits, rows):
+        started = time.perf_counter()
+        super().apply(logits, rows)
+        self.timings["wait"].append(self._waited)
+        self.timings["apply"].append(time.perf_counter() - started - self._waited)
+
+    def advance(self, tokens, rows):
+        started = time.perf_counter()
+        super().advance(tokens, rows)
+        self.timings["advance"].append(time.perf_counter() - started)
+
+
 def scripted_completions(count: int, seed: int = 0) -> list[list[int]]:
     """Plausible constrained completions: analysis, then the final JSON answer."""
-    enc = C.harmony_encoding()
+    enc = harmony_encoding()
     rng = random.Random(seed)
     out = []
     for _ in range(count):
         analysis = " ".join(rng.choice(_REASONS) for _ in range(rng.randint(1, 3)))
         answer = json.dumps({"label": rng.choice(LABEL_SCHEMA["properties"]["label"]["enum"]),
                              "confidence": round(rng.random(), 2), "evidence": rng.choice(_EVIDENCE)})
-        tokens = ([C.CHANNEL] + enc.encode("analysis") + [C.MESSAGE] + enc.encode(analysis)[:REASONING_BUDGET]
-                  + [C.END, C.START] + enc.encode("assistant") + [C.CHANNEL] + enc.encode("final") + [C.MESSAGE]
-                  + enc.encode(answer) + [C.RETURN])
+        tokens = ([CHANNEL] + enc.encode("analysis") + [MESSAGE] + enc.encode(analysis)[:REASONING_BUDGET]
+                  + [END, START] + enc.encode("assistant") + [CHANNEL] + enc.encode("final") + [MESSAGE]
+                  + enc.encode(answer) + [RETURN])
         out.append(tokens)
     return out
 
 
 def mask_times(batch: int, steps: int = 0) -> dict:
-    grammar = C.compile_row_grammar(json.dumps(LABEL_SCHEMA), REASONING_BUDGET)
+    grammar = compile_row_grammar(json.dumps(LABEL_SCHEMA), REASONING_BUDGET)
     scripts = scripted_completions(batch)
     shortest = min(map(len, scripts))
     steps = min(steps or shortest, shortest)
-    bc = C.BatchConstraint([grammar] * batch, C.TOKENIZER_VOCAB_SIZE)
-    logits = torch.zeros(batch, C.TOKENIZER_VOCAB_SIZE)
-    active = torch.ones(batch, dtype=torch.bool)
+    bc = TimedConstraint([grammar] * batch, TOKENIZER_VOCAB_SIZE)
+    logits = torch.zeros(batch, TOKENIZER_VOCAB_SIZE)
+    rows = list(range(batch))
     for step in range(steps):
-        bc.prepare()
-        bc.apply(logits)
-        bc.advance(torch.tensor([s[step] for s in scripts]), active)
+        bc.prepare(rows)
+        bc.apply(logits, rows)
+        bc.advance(torch.tensor([s[step] for s in scripts]), rows)
     assert bc.errors() == [None] * batch, bc.errors()
-    t = bc.timings()
-    bc.close()
+    t = bc.timings
     return {"batch": batch, "steps": steps,
             **{k: 1e3 * statistics.median(v) for k, v in t.items() if k != "wait"}}
 
@@ -86,7 +119,7 @@ def engine_overhead(batch: int, new_tokens: int, model, prompts: list[list[int]]
     `<|return|>`, the only token its grammar then allows).  Runs alternate; best of `repeats`."""
     from ossbatch.engine.generate import SamplingParams, generate
 
-    grammar = C.compile_row_grammar(json.dumps(LABEL_SCHEMA), 16)
+    grammar = compile_row_grammar(json.dumps(LABEL_SCHEMA), 16)
     params = [SamplingParams(max_tokens=new_tokens, temperature=0.0)] * batch
     best = {"plain": float("inf"), "constrained": float("inf")}
     blocking: list[float] = []
@@ -95,16 +128,15 @@ def engine_overhead(batch: int, new_tokens: int, model, prompts: list[list[int]]
             seconds = tokens = 0
             for i in range(0, len(prompts) - batch + 1, batch):
                 chunk = prompts[i : i + batch]
-                bc = C.BatchConstraint([grammar] * batch, model.config.vocab_size) if name == "constrained" else None
+                bc = TimedConstraint([grammar] * batch, model.config.vocab_size) if name == "constrained" else None
                 started = time.perf_counter()
                 completions, _ = generate(model, chunk, params, [], constraint=bc)
                 seconds += time.perf_counter() - started
                 tokens += sum(len(c.token_ids) for c in completions)
                 if bc is not None:
                     assert bc.errors() == [None] * batch, bc.errors()
-                    t = bc.timings()
+                    t = bc.timings
                     blocking += [w + a + d for w, a, d in zip(t["wait"], t["apply"], t["advance"])]
-                    bc.close()
             best[name] = min(best[name], 1e3 * seconds / tokens)
     return {"batch": batch, **best, "overhead": best["constrained"] / best["plain"] - 1,
             "blocking_ms_per_step": 1e3 * statistics.median(blocking)}
@@ -118,11 +150,11 @@ def main():
     args = parser.parse_args()
 
     started = time.perf_counter()
-    C.lltokenizer()
+    lltokenizer()
     print(f"llguidance tokenizer built in {time.perf_counter() - started:.2f} s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     started = time.perf_counter()
-    C.compile_row_grammar(json.dumps(LABEL_SCHEMA), REASONING_BUDGET)
+    compile_row_grammar(json.dumps(LABEL_SCHEMA), REASONING_BUDGET)
     print(f"labeling grammar compiled in {1e3 * (time.perf_counter() - started):.1f} ms\n")
 
     rows = [mask_times(b, args.steps) for b in (1, 64, 256)]
@@ -136,7 +168,7 @@ def main():
     from ossbatch.pipeline.render import render_prompt
 
     model = Transformer.from_checkpoint(bench_model_dir(), torch.float32, expert_cache_bytes=1 << 30)
-    section = C.response_format_section(json.dumps(LABEL_SCHEMA), "sentiment")
+    section = response_format_section(json.dumps(LABEL_SCHEMA), "sentiment")
     prompts = [render_prompt([{"role": "user", "content": text}], "Label the review's sentiment.", "low", section)
                for text in prompts_text(32)]
     engine_overhead(8, 4, model, prompts[:8], repeats=1)  # warm up: thread pools, the expert cache

@@ -139,16 +139,16 @@ def bench_padding(rows: int = 1500) -> dict:
     return {"prompt_tokens": sum(lengths), "bucketed": slots(bucketed), "arrival": slots(arrival)}
 
 
-# Where a job's time goes: (module, attribute, label). Reading runs in a thread ahead of the engine,
-# so its seconds overlap the engine's.
+# Where a job's time goes: (module, attribute, label), patched where the shard driver looks them up.
+# Reading runs in a thread ahead of the engine, so its seconds overlap the engine's.
 _STAGES = [
     ("ossbatch.engine.model", "Transformer.forward", "forward passes"),
     ("ossbatch.pipeline.infer", "generate", "generate() (forward + sampling, KV cache, stops)"),
-    ("ossbatch.pipeline.job", "read_shard", "read + validate (thread, ahead)"),
+    ("ossbatch.pipeline.driver", "read_shard", "read + validate (thread, ahead)"),
     ("ossbatch.pipeline.infer", "ShardInferencer._prepare", "render (harmony) + sampling params"),
     ("ossbatch.pipeline.infer", "ShardInferencer._result", "parse (harmony) + result rows"),
-    ("ossbatch.pipeline.job", "commit_shard", "write Parquet + commit"),
-    ("ossbatch.pipeline.job", "plan_job", "plan (scan inputs, shards)"),
+    ("ossbatch.pipeline.driver", "commit_shard", "write Parquet + commit"),
+    ("ossbatch.pipeline.driver", "plan_job", "plan (scan inputs, shards)"),
 ]
 
 

@@ -1,8 +1,8 @@
 """`batch_inference`: the flow `ossbatch run` runs (and label/synth/eval run as a subflow).
 
-plan shards -> one task per pending shard (read, infer, commit; retried) ->
-finalize the manifest.  Prefect keeps state and retries; the stages are
-pipeline functions, so the same job also runs without Prefect.
+plan shards -> one task per pending shard (pipeline.driver: read, infer, commit;
+retried) -> finalize the manifest.  Prefect keeps state and retries; the stages
+are pipeline functions, so the same job also runs without Prefect.
 """
 
 import time
@@ -11,18 +11,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
-from ossbatch.flows.engine_spec import EngineSpec
 from ossbatch.flows.progress import Progress
-from ossbatch.flows.shard import run_one_shard
-from ossbatch.pipeline.job import JobPlan, JobSpec, finalize_job, pending_shards, plan_job
+from ossbatch.pipeline.config import Job
+from ossbatch.pipeline.driver import job_spec, run_shard
+from ossbatch.pipeline.infer import ShardInferencer
+from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job
 
-__all__ = ["batch_inference", "run_one_shard", "shard_task"]
+__all__ = ["batch_inference", "shard_task"]
 
 
 @task(name="run-shard", retries=2, retry_delay_seconds=1, cache_policy=NONE)
-def shard_task(plan_data: dict, shard_index: int, engine: EngineSpec) -> dict:
-    # run_one_shard is looked up here at call time, so tests can make it fail.
-    return run_one_shard(JobPlan.from_dict(plan_data), shard_index, engine)
+def shard_task(plan: JobPlan, shard_index: int, infer: ShardInferencer) -> dict:
+    # run_shard is looked up here at call time, so tests can make it fail.
+    return run_shard(plan, shard_index, infer)
 
 
 def _progress_artifact(plan: JobPlan, pending: list[int]):
@@ -51,25 +52,23 @@ def _progress_artifact(plan: JobPlan, pending: list[int]):
 
 
 @flow(name="batch-inference", log_prints=True)
-def batch_inference(job: dict, engine: dict, runner: str = "local", ray_address: str | None = None,
-                    quiet: bool = False, ray_workers: int | None = None) -> dict:
-    """`job`: JobSpec fields; `engine`: EngineSpec fields.  Returns the manifest."""
-    if runner not in ("local", "ray"):
-        raise ValueError(f"--runner must be local or ray, got {runner!r}")
+def batch_inference(job: Job, quiet: bool = False) -> dict:
+    """Runs ``job`` (its storage options show as ********** among the flow run's parameters).
+    Returns the manifest."""
     started = time.monotonic()
-    plan = plan_job(JobSpec(**job))
-    spec = EngineSpec(**engine)
+    plan = plan_job(job_spec(job))
     pending = pending_shards(plan)
     progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet,
                         publish=_progress_artifact(plan, pending))
     get_run_logger().info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
-    if runner == "ray":
+    if job.options.runner == "ray":
         from ossbatch.flows.ray_runner import run_shards_on_ray
 
-        run_shards_on_ray(plan, pending, spec, ray_address, progress, workers=ray_workers)
+        run_shards_on_ray(plan, pending, job, progress)
     else:
+        infer = ShardInferencer(job)  # the model loads with the first pending shard
         for shard_index in pending:
-            progress.committed(shard_task(plan.to_dict(), shard_index, spec))
+            progress.committed(shard_task(plan, shard_index, infer))
     manifest = finalize_job(plan, time.monotonic() - started)
     progress.close(manifest)
     return manifest

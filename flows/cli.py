@@ -12,47 +12,21 @@
 
 import argparse
 import json
-import os
 import sys
+import typing
 from pathlib import Path
 
 from ossbatch.engine.config import CheckpointError
+from ossbatch.flows.environment import prepare_environment
+from ossbatch.pipeline.config import EngineOptions, Job, JobOptions, PipelineOptions, RunnerOptions, SamplingOptions
+from ossbatch.pipeline.storage import LOCAL, InputError, Storage
 
 
-def _offline_defaults():
-    # Nothing leaves loopback: Prefect's local server phones home unless told not to.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    if "PREFECT_HOME" not in os.environ:
-        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-        os.environ["PREFECT_HOME"] = str(state / "ossbatch" / "prefect")
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-
-
-def _quiet_console():
-    # Cron mails whatever a job prints: with --quiet only warnings and errors reach the terminal
-    # (the Prefect server still records every log line).
-    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
-
-
-def _interpret_triton_without_gpu():
-    # Without a GPU the Triton kernels run under the interpreter, which must be chosen
-    # before kernels/ is imported.
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _json_arg(flag: str):
-    def parse(text: str):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {err}") from None
-
-    return parse
+def _storage_flag(text: str) -> Storage:
+    try:
+        return Storage.from_flag(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_int(flag: str):
@@ -102,43 +76,30 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
-def _run_settings(args):
-    from ossbatch.pipeline.infer import RunSettings
-
-    return RunSettings(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        reasoning_effort=args.reasoning_effort,
-        max_reasoning_tokens=args.max_reasoning_tokens,
-        schema=_read_schema_file(args.schema) if args.schema else None,
-        keep_token_ids=args.keep_token_ids,
-        logprobs=args.logprobs,
-        batch_tokens=args.batch_tokens,
-        max_batch_rows=args.max_batch_rows,
-    )
+def _job_options(args) -> JobOptions:
+    """The job's settings, built and validated once from the flags."""
+    flags = vars(args)
+    if getattr(args, "command", None) == "run" and args.schema:
+        flags = {**flags, "response_schema": _read_schema_file(args.schema)}
+    return JobOptions.from_flags(flags)
 
 
 def cmd_run(args) -> int:
-    from ossbatch.flows.jobs import make_job
-
-    job, engine = make_job(args.model, args.input, args.output, _run_settings(args), dtype=args.dtype,
-                           backend=args.backend, device=args.device, fp32_matmul=args.fp32_matmul, shard_rows=args.shard_rows,
-                           storage_options=args.storage_options or {}, overwrite=args.overwrite)
+    job = Job(model=args.model, inputs=args.input, output=args.output, options=_job_options(args))
     if args.orchestrator == "prefect":
+        from ossbatch.engine.config import read_config
         from ossbatch.flows.batch import batch_inference
 
-        batch_inference(job, engine, runner=args.runner, ray_address=args.ray_address, quiet=args.quiet,
-                        ray_workers=args.ray_workers)
-    else:
-        if args.runner != "local":
-            raise ValueError("--runner ray needs --orchestrator prefect (shards are Prefect tasks)")
-        from ossbatch.flows.engine_spec import EngineSpec, inferencer
-        from ossbatch.flows.progress import Progress
-        from ossbatch.pipeline.job import JobSpec, run_job_locally
+        read_config(job.model)  # a bad model is refused before Prefect starts its server
 
-        spec = EngineSpec(**engine)
+        batch_inference(job, quiet=args.quiet)
+    else:
+        if job.options.runner != "local":
+            raise InputError("--runner ray needs --orchestrator prefect (shards are Prefect tasks)")
+        from ossbatch.flows.progress import Progress
+        from ossbatch.pipeline.driver import job_spec, run_job
+        from ossbatch.pipeline.infer import ShardInferencer
+
         progress: list[Progress] = []
 
         def report(event: dict) -> None:
@@ -148,25 +109,13 @@ def cmd_run(args) -> int:
                 progress[0].committed(event["marker"])
 
         # The model loads on the first pending shard, not for a job that is already complete.
-        manifest = run_job_locally(JobSpec(**job), lambda requests: inferencer(spec)(requests), report)
+        manifest = run_job(job_spec(job), ShardInferencer(job), report)
         progress[0].close(manifest)
     if not args.quiet:
         from ossbatch.pipeline.inspect import format_manifest
 
-        print(format_manifest(args.output, args.storage_options or {}))
+        print(format_manifest(args.output, job.storage))
     return 0
-
-
-def _job_options(args):
-    from ossbatch.flows.jobs import JobOptions
-
-    return JobOptions(
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
-        max_reasoning_tokens=args.max_reasoning_tokens, reasoning_effort=args.reasoning_effort,
-        batch_tokens=args.batch_tokens, max_batch_rows=args.max_batch_rows, dtype=args.dtype, backend=args.backend, device=args.device,
-        fp32_matmul=args.fp32_matmul, shard_rows=args.shard_rows, storage_options=args.storage_options or {}, overwrite=args.overwrite,
-        runner=args.runner, ray_address=args.ray_address, ray_workers=args.ray_workers,
-    )
 
 
 def cmd_label(args) -> int:
@@ -238,8 +187,16 @@ def cmd_plan(args) -> int:
 def cmd_inspect(args) -> int:
     from ossbatch.pipeline.inspect import format_manifest
 
-    print(format_manifest(args.output, args.storage_options or {}, max_failures=args.failures))
+    print(format_manifest(args.output, args.storage, max_failures=args.failures))
     return 0
+
+
+def _default(part, field: str):
+    return part.model_fields[field].default
+
+
+def _choices(part, field: str) -> list[str]:
+    return list(typing.get_args(part.model_fields[field].annotation))
 
 
 def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
@@ -247,25 +204,28 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or original/ layout)")
     p.add_argument("--input", required=True, nargs="+", help="paths, URIs or globs: JSONL(.gz), Parquet, OpenAI Batch files")
     p.add_argument("--output", required=True, help=output_help)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=1024)
+    sampling, engine, pipeline, runner = SamplingOptions, EngineOptions, PipelineOptions, RunnerOptions
+    p.add_argument("--temperature", type=float, default=_default(sampling, "temperature"))
+    p.add_argument("--top-p", type=float, default=_default(sampling, "top_p"))
+    p.add_argument("--seed", type=int, default=_default(sampling, "seed"))
+    p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=_default(sampling, "max_tokens"))
     p.add_argument("--max-reasoning-tokens", type=_positive_int("--max-reasoning-tokens"))
-    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--backend", choices=["torch", "triton"], default="torch")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--reasoning-effort", choices=_choices(sampling, "reasoning_effort"),
+                   default=_default(sampling, "reasoning_effort"))
+    p.add_argument("--dtype", choices=_choices(engine, "dtype"), default=_default(engine, "dtype"))
+    p.add_argument("--backend", choices=_choices(engine, "backend"), default=_default(engine, "backend"))
+    p.add_argument("--device", choices=_choices(engine, "device"), default=_default(engine, "device"),
                    help="auto: the GPU for the triton backend when there is one, else the CPU")
-    p.add_argument("--fp32-matmul", choices=["auto", "ieee", "bf16"], default="auto",
+    p.add_argument("--fp32-matmul", choices=_choices(engine, "fp32_matmul"), default=_default(engine, "fp32_matmul"),
                    help="float32 CPU matmuls: auto uses oneDNN's bf16 mode (~2.5x faster) where a start-up probe shows it "
                         "keeps float32-level error, else ieee; bf16 forces it")
-    p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=10_000)
-    p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=32768)
-    p.add_argument("--max-batch-rows", type=_positive_int("--max-batch-rows"), default=256)
-    p.add_argument("--storage-options", type=_json_arg("--storage-options"))
+    p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=_default(pipeline, "shard_rows"))
+    p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=_default(pipeline, "batch_tokens"))
+    p.add_argument("--max-batch-rows", type=_positive_int("--max-batch-rows"), default=_default(pipeline, "max_batch_rows"))
+    p.add_argument("--storage-options", dest="storage", type=_storage_flag, default=LOCAL,
+                   help="fsspec options as JSON, flat or keyed by protocol ({\"s3\": {...}}); never written to the output")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by a different job")
-    p.add_argument("--runner", choices=["local", "ray"], default="local")
+    p.add_argument("--runner", choices=_choices(runner, "runner"), default=_default(runner, "runner"))
     p.add_argument("--ray-address", help="a Ray cluster to run on (default: start a local one)")
     p.add_argument("--ray-workers", type=_positive_int("--ray-workers"),
                    help="Ray actors, each loading the model once (default: one per GPU, else one per node)")
@@ -348,24 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="show a job's manifest and first failing rows")
     inspect.add_argument("output")
-    inspect.add_argument("--storage-options", type=_json_arg("--storage-options"))
+    inspect.add_argument("--storage-options", dest="storage", type=_storage_flag, default=LOCAL)
     inspect.add_argument("--failures", type=int, default=5)
     inspect.set_defaults(func=cmd_inspect)
     return parser
 
 
 def main(argv=None) -> int:
-    _offline_defaults()
     args = build_parser().parse_args(argv)
-    if getattr(args, "backend", None) == "triton" and getattr(args, "device", "auto") != "cuda":
-        _interpret_triton_without_gpu()
-    if getattr(args, "quiet", False):
-        _quiet_console()
-    from ossbatch.pipeline.storage import InputError
-
+    prepare_environment(backend=getattr(args, "backend", None), device=getattr(args, "device", None),
+                        quiet=getattr(args, "quiet", False))
     try:
         return args.func(args)
-    except (CheckpointError, InputError, ValueError) as err:
+    except (CheckpointError, InputError) as err:
+        # A user's input that cannot run: one line, exit 2. Anything else is a bug and keeps its traceback.
         print(f"ossbatch {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,8 @@ from collections import Counter
 
 import pyarrow as pa
 
+from ossbatch.pipeline.storage import InputError
+
 LABEL_FIELD = "label"
 ANSWER_FIELD = "answer"
 NO_LABEL = "(none)"
@@ -29,11 +31,11 @@ def label_schema(labels: list[str] | dict, field: str = LABEL_FIELD) -> dict:
     if isinstance(labels, dict):
         properties = labels.get("properties")
         if labels.get("type") != "object" or not isinstance(properties, dict) or field not in properties:
-            raise ValueError(f"a labels schema must be an object schema with a {field!r} property")
+            raise InputError(f"a labels schema must be an object schema with a {field!r} property")
         return labels
     names = list(dict.fromkeys(str(label).strip() for label in labels))
     if not names or "" in names:
-        raise ValueError("--labels needs at least one non-empty label")
+        raise InputError("--labels needs at least one non-empty label")
     return {
         "type": "object",
         "properties": {field: {"enum": names}},
@@ -195,7 +197,7 @@ def grade_columns(table: pa.Table, rule: str, gold_column: str, field: str = ANS
     """``table`` with ``predicted``, ``gold`` (normalized) and ``correct``; plus per-category
     [rows, correct] counts (every row is graded: an error or a missing answer is wrong)."""
     if rule not in GRADING_RULES:
-        raise ValueError(f"grading must be one of {', '.join(GRADING_RULES)}, got {rule!r}")
+        raise InputError(f"grading must be one of {', '.join(GRADING_RULES)}, got {rule!r}")
     outputs = table.column("output_json").to_pylist()
     valid = table.column("schema_valid").to_pylist()
     texts = table.column("output_text").to_pylist()

@@ -25,25 +25,21 @@ from prefect.runtime import flow_run
 from ossbatch.flows import grading, synthetic
 from ossbatch.flows.batch import batch_inference
 from ossbatch.flows.jobs import (
-    JobOptions, check_columns, column_named, input_stem, job_for, part_tables, parquet_sink, read_json_lines,
-    resolve_output, slug, write_json, write_json_lines, write_table,
+    check_columns, column_named, derived_job, input_stem, part_tables, parquet_sink, read_json_lines, resolve_output,
+    slug, write_json_lines, write_table,
 )
-from ossbatch.pipeline.storage import join
+from ossbatch.pipeline.config import JobOptions
+from ossbatch.pipeline.storage import InputError, Storage, join
 
 
 def _run_date():
     return flow_run.get_scheduled_start_time().date()
 
 
-def _run_batch(job: dict, engine: dict, options: JobOptions, quiet: bool) -> dict:
-    return batch_inference(job, engine, runner=options.runner, ray_address=options.ray_address, quiet=quiet,
-                           ray_workers=options.ray_workers)
-
-
 def _require_column(schema, name: str, what: str) -> str:
     column = column_named(schema, name)
     if column is None:
-        raise ValueError(f"{what} {name!r} is not a column of the input; columns: {', '.join(schema.names)}")
+        raise InputError(f"{what} {name!r} is not a column of the input; columns: {', '.join(schema.names)}")
     return column
 
 
@@ -51,19 +47,19 @@ def _require_column(schema, name: str, what: str) -> str:
 
 
 @task(name="write-labels", retries=1, cache_policy=NONE)
-def write_labels(manifest: dict, root: str, storage_options: dict, field: str, gold_column: str | None,
+def write_labels(manifest: dict, root: str, storage: Storage, field: str, gold_column: str | None,
                  order: list[str]) -> dict:
     """labels.parquet (every row plus ``label``, and ``correct`` with a gold column) and
     confusion.parquet (gold, label, rows)."""
     counts = Counter()
-    with parquet_sink(join(root, "labels.parquet"), storage_options, manifest["job_key"]) as write:
-        for table in part_tables(manifest, storage_options):
+    with parquet_sink(join(root, "labels.parquet"), storage, manifest["job_key"]) as write:
+        for table in part_tables(manifest, storage):
             gold = _require_column(table.schema, gold_column, "--gold-column") if gold_column else None
             labeled, part_counts = grading.label_columns(table, field, gold)
             write(labeled)
             counts.update(part_counts)
     if gold_column:
-        write_table(join(root, "confusion.parquet"), grading.confusion_table(counts), storage_options,
+        write_table(join(root, "confusion.parquet"), grading.confusion_table(counts), storage,
                     manifest["job_key"])
         text = grading.format_confusion(counts, order)
     else:
@@ -83,10 +79,9 @@ def label_job(model: str, inputs: list[str], output: str, labels: list[str] | di
     root = resolve_output(output, _run_date())
     schema = grading.label_schema(labels, label_field)
     if gold_column:
-        check_columns(inputs, options.storage_options, {"--gold-column": gold_column})
-    job, engine = job_for(model, inputs, root, options, schema)
-    manifest = _run_batch(job, engine, options, quiet)
-    summary = write_labels(manifest, root, options.storage_options, label_field, gold_column,
+        check_columns(inputs, options.storage, {"--gold-column": gold_column})
+    manifest = batch_inference(derived_job(model, inputs, root, options, schema), quiet=quiet)
+    summary = write_labels(manifest, root, options.storage, label_field, gold_column,
                            grading.label_names(schema, label_field))
     get_run_logger().info("%d of %d rows labeled\n%s", summary["labeled"], summary["rows"], summary["table"])
     create_markdown_artifact(
@@ -100,15 +95,15 @@ def label_job(model: str, inputs: list[str], output: str, labels: list[str] | di
 
 
 @task(name="expand-requests", retries=1, cache_policy=NONE)
-def expand_requests(inputs: list[str], storage_options: dict, n: int, seed: int, destination: str) -> dict:
-    return synthetic.write_expanded_requests(inputs, storage_options, n, seed, destination)
+def expand_requests(inputs: list[str], storage: Storage, n: int, seed: int, destination: str) -> dict:
+    return synthetic.write_expanded_requests(inputs, storage, n, seed, destination)
 
 
 @task(name="write-samples", retries=1, cache_policy=NONE)
-def write_samples(manifest: dict, root: str, storage_options: dict, dedupe: bool) -> dict:
+def write_samples(manifest: dict, root: str, storage: Storage, dedupe: bool) -> dict:
     samples = synthetic.SampleTable(dedupe)
-    with parquet_sink(join(root, "samples.parquet"), storage_options, manifest["job_key"]) as write:
-        for table in part_tables(manifest, storage_options):
+    with parquet_sink(join(root, "samples.parquet"), storage, manifest["job_key"]) as write:
+        for table in part_tables(manifest, storage):
             write(samples.convert(table))
     return {"kept": samples.kept, "duplicates": samples.dropped}
 
@@ -121,10 +116,9 @@ def synth_job(model: str, inputs: list[str], output: str, n: int = 4, dedupe: bo
     request_id, outputs, input columns); ``dedupe`` keeps one sample per distinct answer of a row."""
     root = resolve_output(output, _run_date())
     requests_uri = join(root, "requests.jsonl")
-    counts = expand_requests(inputs, options.storage_options, n, options.seed, requests_uri)
-    job, engine = job_for(model, [requests_uri], root, options, answer_schema)
-    manifest = _run_batch(job, engine, options, quiet)
-    kept = write_samples(manifest, root, options.storage_options, dedupe)
+    counts = expand_requests(inputs, options.storage, n, options.seed, requests_uri)
+    manifest = batch_inference(derived_job(model, [requests_uri], root, options, answer_schema), quiet=quiet)
+    kept = write_samples(manifest, root, options.storage, dedupe)
     get_run_logger().info("%d rows x %d samples: %d kept, %d duplicate answers dropped",
                           counts["rows"], n, kept["kept"], kept["duplicates"])
     return counts | kept | {"output": root, "samples": join(root, "samples.parquet"), "job": manifest["output"]["uri"]}
@@ -134,13 +128,13 @@ def synth_job(model: str, inputs: list[str], output: str, n: int = 4, dedupe: bo
 
 
 @task(name="grade", retries=1, cache_policy=NONE)
-def grade(manifest: dict, root: str, storage_options: dict, grading_rule: str, gold_column: str, answer_field: str,
+def grade(manifest: dict, root: str, storage: Storage, grading_rule: str, gold_column: str, answer_field: str,
           choices: str, category_column: str | None) -> dict:
     """graded.parquet (rows plus predicted, gold_answer, correct) and summary.parquet (accuracy per category)."""
     counts: dict = {}
     unanswered = 0
-    with parquet_sink(join(root, "graded.parquet"), storage_options, manifest["job_key"]) as write:
-        for table in part_tables(manifest, storage_options):
+    with parquet_sink(join(root, "graded.parquet"), storage, manifest["job_key"]) as write:
+        for table in part_tables(manifest, storage):
             gold = _require_column(table.schema, gold_column, "--gold-column")
             category = column_named(table.schema, category_column) if category_column else None
             graded, part_counts = grading.grade_columns(table, grading_rule, gold, answer_field, choices, category)
@@ -151,7 +145,7 @@ def grade(manifest: dict, root: str, storage_options: dict, grading_rule: str, g
                 tally[0] += rows
                 tally[1] += correct
     rows = grading.accuracy_rows(counts or {grading.ALL: [0, 0]})
-    write_table(join(root, "summary.parquet"), pa.Table.from_pylist(rows), storage_options, manifest["job_key"])
+    write_table(join(root, "summary.parquet"), pa.Table.from_pylist(rows), storage, manifest["job_key"])
     return {"categories": rows, "unanswered": unanswered}
 
 
@@ -164,11 +158,11 @@ def default_history(root: str, name: str) -> str:
 
 
 @task(name="record-history", retries=1, cache_policy=NONE)
-def record_history(history: str, storage_options: dict, entry: dict) -> dict | None:
+def record_history(history: str, storage: Storage, entry: dict) -> dict | None:
     """Appends this run (replacing an earlier record of the same output); returns the previous run."""
-    earlier = [e for e in read_json_lines(history, storage_options) if e.get("output") != entry["output"]]
+    earlier = [e for e in read_json_lines(history, storage) if e.get("output") != entry["output"]]
     previous = next((e for e in reversed(earlier) if e.get("eval") == entry["eval"]), None)
-    write_json_lines(history, earlier + [entry], storage_options)
+    write_json_lines(history, earlier + [entry], storage)
     return previous
 
 
@@ -187,13 +181,12 @@ def eval_job(model: str, inputs: list[str], output: str, gold_column: str = "ans
     and eval.json, a markdown artifact, and a line in the history file."""
     root = resolve_output(output, _run_date())
     name = name or input_stem(inputs)
-    check_columns(inputs, options.storage_options, {"--gold-column": gold_column})
+    check_columns(inputs, options.storage, {"--gold-column": gold_column})
     if answer_schema is None:
         answer_schema = (grading.choice_schema(choices, answer_field) if grading_rule == "choice"
                          else grading.exact_schema(answer_field))
-    job, engine = job_for(model, inputs, root, options, answer_schema)
-    manifest = _run_batch(job, engine, options, quiet)
-    graded = grade(manifest, root, options.storage_options, grading_rule, gold_column, answer_field, choices,
+    manifest = batch_inference(derived_job(model, inputs, root, options, answer_schema), quiet=quiet)
+    graded = grade(manifest, root, options.storage, grading_rule, gold_column, answer_field, choices,
                    category_column)
     summary = {
         "eval": name,
@@ -208,13 +201,13 @@ def eval_job(model: str, inputs: list[str], output: str, gold_column: str = "ans
         "tokens": {k: manifest["tokens"][k] for k in ("prompt", "reasoning", "output", "completion")},
         "cost": grading.token_cost(manifest["tokens"], tuple(price_per_million_tokens)),
     }
-    previous = record_history(history or default_history(root, name), options.storage_options,
+    previous = record_history(history or default_history(root, name), options.storage,
                               {k: summary[k] for k in ("eval", "output", "job_key", "finished_at", "model",
                                                        "accuracy", "categories", "tokens", "cost")})
     summary["previous"] = ({k: previous.get(k) for k in ("output", "finished_at", "accuracy", "model")}
                            if previous else None)
     summary["delta_accuracy"] = summary["accuracy"] - previous["accuracy"] if previous else None
-    write_json(join(root, "eval.json"), summary, options.storage_options)
+    options.storage.write_json(join(root, "eval.json"), summary)
     report = grading.eval_markdown(summary)
     create_markdown_artifact(report, key=f"eval-{slug(name)}", description=f"eval {name}: {root}")
     create_table_artifact(graded["categories"], key=f"eval-{slug(name)}-categories",

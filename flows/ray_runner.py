@@ -18,8 +18,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
-from ossbatch.flows.engine_spec import EngineSpec
 from ossbatch.flows.progress import Progress
+from ossbatch.pipeline.config import Job
 from ossbatch.pipeline.job import JobPlan
 
 # Workers of a cluster we start inherit the driver's environment; these also
@@ -28,10 +28,10 @@ FORWARDED_ENV = ("TIKTOKEN_ENCODINGS_BASE",)
 
 
 @task(name="run-shard-on-ray", retries=2, retry_delay_seconds=1, cache_policy=NONE)
-def ray_shard_task(plan_data: dict, shard_index: int, engine: dict, actor) -> dict:
+def ray_shard_task(plan: JobPlan, shard_index: int, actor) -> dict:
     import ray
 
-    return ray.get(actor.run_shard.remote(plan_data, shard_index, engine))
+    return ray.get(actor.run_shard.remote(plan, shard_index))
 
 
 def actor_plan(resources: dict, nodes: list[dict], workers: int | None, pending: int) -> tuple[int, dict]:
@@ -50,7 +50,6 @@ def actor_plan(resources: dict, nodes: list[dict], workers: int | None, pending:
 def _connect(ray_address: str | None, quiet: bool):
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     if ray_address:
         ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=not quiet)
@@ -58,12 +57,11 @@ def _connect(ray_address: str | None, quiet: bool):
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=not quiet)
 
 
-def run_shards_on_ray(plan: JobPlan, pending: list[int], spec: EngineSpec, ray_address: str | None,
-                      progress: Progress, workers: int | None = None) -> list[dict]:
+def run_shards_on_ray(plan: JobPlan, pending: list[int], job: Job, progress: Progress) -> list[dict]:
     """Runs ``pending`` shards on actors; returns their markers in commit order.
 
-    Connects to ``ray_address`` (or the cluster already initialised in this
-    process), else starts a local cluster for the job and stops it after.
+    Connects to the job's ``ray_address`` (or the cluster already initialised in
+    this process), else starts a local cluster for the job and stops it after.
     """
     if not pending:
         return []
@@ -74,15 +72,15 @@ def run_shards_on_ray(plan: JobPlan, pending: list[int], spec: EngineSpec, ray_a
     logger = get_run_logger()
     started_here = not ray.is_initialized()
     if started_here:
-        _connect(ray_address, progress.quiet)
+        _connect(job.options.ray_address, progress.quiet)
     actors = []
     try:
-        count, options = actor_plan(ray.cluster_resources(), ray.nodes(), workers, len(pending))
+        count, options = actor_plan(ray.cluster_resources(), ray.nodes(), job.options.ray_workers, len(pending))
         # A crashed actor comes back (reloading the model) for the task's retry.
         remote = ray.remote(max_restarts=2, max_task_retries=0, **options)(ShardWorker)
-        actors = [remote.remote(spec.to_dict()) for _ in range(count)]
+        actors = [remote.remote(job) for _ in range(count)]
         logger.info("%d Ray actors (%s each) for %d shards", count, options, len(pending))
-        return _run_on_actors(plan, pending, spec, actors, progress)
+        return _run_on_actors(plan, pending, actors, progress)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -90,20 +88,19 @@ def run_shards_on_ray(plan: JobPlan, pending: list[int], spec: EngineSpec, ray_a
             ray.shutdown()
 
 
-def _run_on_actors(plan: JobPlan, pending: list[int], spec: EngineSpec, actors: list, progress: Progress) -> list[dict]:
+def _run_on_actors(plan: JobPlan, pending: list[int], actors: list, progress: Progress) -> list[dict]:
     """Keeps every actor busy with one shard task at a time until all shards are done.
 
     A shard that fails for good (after its retries) stops new submissions; the
     running ones finish and commit, then the error is raised (a re-run resumes).
     """
-    plan_data, engine = plan.to_dict(), spec.to_dict()
     waiting, idle = list(pending), list(actors)
     running: dict = {}  # future -> actor
     markers, failure = [], None
     while running or (waiting and failure is None):
         while waiting and idle and failure is None:
             actor = idle.pop()
-            running[ray_shard_task.submit(plan_data, waiting.pop(0), engine, actor)] = actor
+            running[ray_shard_task.submit(plan, waiting.pop(0), actor)] = actor
         done = next(as_completed(list(running)))
         idle.append(running.pop(done))
         try:

@@ -5,29 +5,24 @@ code run in a worker would start a Prefect server of its own.
 """
 
 import socket
-from dataclasses import replace
 
-from ossbatch.flows.engine_spec import EngineSpec, inferencer
-from ossbatch.flows.shard import run_one_shard
+from ossbatch.pipeline.config import Job
+from ossbatch.pipeline.driver import run_shard
+from ossbatch.pipeline.infer import ShardInferencer
 from ossbatch.pipeline.job import JobPlan
 
 
 class ShardWorker:
-    def __init__(self, engine: dict):
+    def __init__(self, job: Job):
         import ray
 
-        self.spec = self._placed(EngineSpec(**engine))
+        # An actor Ray gave a GPU runs on it (Ray sets CUDA_VISIBLE_DEVICES to that GPU).
+        if job.options.device == "auto" and ray.get_gpu_ids():
+            job = job.on_device("cuda")
+        self.infer = ShardInferencer(job)
         # Markers name the worker that committed them: host and actor.
         self.name = f"ray:{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()}"
-        inferencer(self.spec)  # load now, so the first shard does not pay for it
+        self.infer.model  # load now, so the first shard does not pay for it
 
-    @staticmethod
-    def _placed(spec: EngineSpec) -> EngineSpec:
-        """An actor Ray gave a GPU runs on it (Ray sets CUDA_VISIBLE_DEVICES to that GPU)."""
-        import ray
-
-        return replace(spec, device="cuda") if spec.device == "auto" and ray.get_gpu_ids() else spec
-
-    def run_shard(self, plan_data: dict, shard_index: int, engine: dict) -> dict:
-        spec = self._placed(EngineSpec(**engine))  # the same spec as at load: the cached model is reused
-        return run_one_shard(JobPlan.from_dict(plan_data), shard_index, spec, worker=self.name)
+    def run_shard(self, plan: JobPlan, shard_index: int) -> dict:
+        return run_shard(plan, shard_index, self.infer, worker=self.name)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from ossbatch.pipeline.storage import InputError
+
 PREFECT_FILE = "prefect.yaml"
 DEFAULT_POOL = "ossbatch-nightly"
 
@@ -46,7 +48,7 @@ def load_deployments(prefect_file: Path | str) -> list[dict]:
     data = yaml.safe_load(Path(prefect_file).read_text()) or {}
     deployments = data.get("deployments") or []
     if not deployments:
-        raise ValueError(f"{prefect_file} defines no deployments")
+        raise InputError(f"{prefect_file} defines no deployments")
     return deployments
 
 
@@ -63,7 +65,7 @@ def load_flow(entrypoint: str, root: Path):
     except (ImportError, AttributeError):
         found = load_flow_from_entrypoint(str(root / path) + ":" + function)
     if not isinstance(found, Flow):
-        raise ValueError(f"{entrypoint} is not a Prefect flow")
+        raise InputError(f"{entrypoint} is not a Prefect flow")
     return found
 
 
@@ -82,7 +84,7 @@ def runner_deployments(prefect_file: Path | str, names: list[str] | None = None)
     chosen = [d for d in load_deployments(prefect_file) if not names or d["name"] in names]
     missing = set(names or []) - {d["name"] for d in chosen}
     if missing:
-        raise ValueError(f"no deployment named {', '.join(sorted(missing))} in {prefect_file}")
+        raise InputError(f"no deployment named {', '.join(sorted(missing))} in {prefect_file}")
     return [
         load_flow(d["entrypoint"], prefect_file.parent).to_deployment(
             name=d["name"],

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ossbatch.pipeline.infer import row_seed
 from ossbatch.pipeline.read import BadLine, iter_records
-from ossbatch.pipeline.storage import InputError, atomic_open, expand_inputs, filesystem
+from ossbatch.pipeline.storage import InputError, Storage, expand_inputs
 from ossbatch.pipeline.validate import is_batch_line, record_id
 
 SOURCE_COLUMN, SAMPLE_COLUMN, SEED_COLUMN = "source_id", "sample", "sample_seed"
@@ -55,16 +55,15 @@ def expand_record(record: dict | BadLine, fallback_id: str, n: int, job_seed: in
     return copies
 
 
-def write_expanded_requests(inputs: list[str] | str, storage_options: dict | None, n: int, job_seed: int,
+def write_expanded_requests(inputs: list[str] | str, storage: Storage, n: int, job_seed: int,
                             destination: str) -> dict:
     """Streams the inputs into ``destination`` (JSONL), ``n`` requests per row; counts rows."""
     if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
-    fs, path = filesystem(destination, storage_options)
+        raise InputError(f"--n must be at least 1, got {n}")
     rows = 0
-    with atomic_open(fs, path, "wb") as out:
-        for file in expand_inputs(inputs, storage_options):
-            for number, record in iter_records(file, storage_options=storage_options):
+    with storage.atomic_open(destination, "wb") as out:
+        for file in expand_inputs(inputs, storage):
+            for number, record in iter_records(file, storage=storage):
                 for copy in expand_record(record, f"{file.label}:{number}", n, job_seed):
                     out.write((json.dumps(copy, ensure_ascii=False, default=str) + "\n").encode())
                 rows += 1

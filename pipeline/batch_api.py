@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from ossbatch.pipeline.storage import atomic_open, filesystem
+from ossbatch.pipeline.storage import Storage
 
 ERROR_CODE = "request_failed"
 
@@ -129,12 +129,11 @@ def iter_part_rows(fs, path: str) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def write_batch_output(output_uri: str, storage_options: dict | None, rows: Iterable[tuple[dict, int]],
+def write_batch_output(output_uri: str, storage: Storage, rows: Iterable[tuple[dict, int]],
                        *, model: str, job_key: str) -> int:
     """Write the Batch output file atomically from (row, created) pairs; returns the line count."""
-    fs, path = filesystem(output_uri, storage_options)
     count = 0
-    with atomic_open(fs, path, "w") as out:
+    with storage.atomic_open(output_uri, "w") as out:
         for row, created in rows:
             out.write(json.dumps(batch_output_line(row, model=model, created=created, job_key=job_key), ensure_ascii=False) + "\n")
             count += 1

@@ -1,43 +1,28 @@
-"""The run stage: render a shard's requests, pack them into length buckets,
-generate each static batch with the engine, and parse the completions.
+"""The run stage: render a shard's requests, pack them into length buckets, generate each run of
+buckets with the engine (one KV cache whose freed slots take the run's next rows), and parse the
+completions.
 
-`ShardInferencer` loads the model once and is then called per shard (so a Ray
-actor or a long-lived worker reuses it); it never touches files or Prefect.
+`ShardInferencer` is built per job and called per shard; the model it runs comes from
+`load_engine`, cached on the engine settings alone, so a Ray actor or a long-lived worker loads
+it once for every job that shares them (whatever their sampling settings). It never touches files
+or Prefect.
 """
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import torch
 
 from ossbatch.engine.generate import SamplingParams, generate
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches
+from ossbatch.pipeline.config import EngineConfig, Job
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class RunSettings:
-    """Job-wide defaults; a row's own fields override them."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    max_tokens: int = 1024
-    reasoning_effort: str = "medium"
-    max_reasoning_tokens: int | None = None
-    schema: str | None = None
-    keep_token_ids: bool = False
-    logprobs: bool = False
-    batch_tokens: int = 32768
-    max_batch_rows: int = 256
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_device(device: str, backend: str) -> str:
@@ -46,6 +31,13 @@ def resolve_device(device: str, backend: str) -> str:
     if device != "auto":
         return device
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=2)
+def load_engine(engine: EngineConfig) -> Transformer:
+    """The model for ``engine``, loaded once per process."""
+    return Transformer.from_checkpoint(engine.model, DTYPES[engine.dtype], engine.backend, engine.expert_cache_bytes,
+                                       resolve_device(engine.device, engine.backend), engine.fp32_matmul)
 
 
 def row_seed(job_seed: int, row_id: str) -> int:
@@ -65,15 +57,23 @@ class _Prepared:
 
 
 class ShardInferencer:
-    def __init__(self, model_dir, settings: RunSettings, dtype: str = "float32", backend: str = "torch",
-                 expert_cache_bytes: int = 1 << 30, device: str = "auto", fp32_matmul: str = "auto"):
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.settings = settings
-        self.model = Transformer.from_checkpoint(model_dir, DTYPES[dtype], backend, expert_cache_bytes, resolve_device(device, backend),
-                                                 fp32_matmul)
-        self.context = self.model.config.max_position_embeddings
+    """``infer(requests) -> (results, stats)`` for one job's shards. The model loads on the first
+    call (or on ``.model``), so a job whose shards are all committed never loads it."""
+
+    def __init__(self, job: Job):
+        self.engine = job.engine
+        self.settings = job.options.sampling
+        self.batch_tokens = job.options.batch_tokens
+        self.max_batch_rows = job.options.max_batch_rows
         self.stops = stop_token_ids()
+
+    @cached_property
+    def model(self) -> Transformer:
+        return load_engine(self.engine)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
 
     def __call__(self, requests: list[dict]) -> tuple[list[dict], dict]:
         results: list[dict | None] = [None] * len(requests)
@@ -90,9 +90,9 @@ class ShardInferencer:
         stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0}
         lengths = [len(p.prompt) for p in prepared]
         budgets = [p.params.max_tokens for p in prepared]
-        buckets = pack_batches(lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows)
+        buckets = pack_batches(lengths, budgets, self.batch_tokens, self.max_batch_rows)
         # Each run of buckets shares one KV cache whose freed slots take the run's next row.
-        for run, slots in _refill_runs(buckets, lengths, budgets, self.settings.batch_tokens, self.settings.max_batch_rows):
+        for run, slots in _refill_runs(buckets, lengths, budgets, self.batch_tokens, self.max_batch_rows):
             members = [m for bucket in run for m in bucket]
             rows = [prepared[m] for m in members]
             position = {m: i for i, m in enumerate(members)}
@@ -125,11 +125,12 @@ class ShardInferencer:
         effort = request.get("reasoning_effort") or s.reasoning_effort
         if effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
-        schema = request.get("schema") or s.schema
+        schema = request.get("schema") or s.response_schema
         max_reasoning = _first(request.get("max_reasoning_tokens"), s.max_reasoning_tokens)
         grammar, response_format = None, None
         if schema is not None or max_reasoning is not None:
-            from ossbatch.pipeline.constrain import SchemaRefused, compile_row_grammar, response_format_section
+            from ossbatch.pipeline.grammar import compile_row_grammar
+            from ossbatch.pipeline.response_format import SchemaRefused, response_format_section
 
             try:
                 grammar = compile_row_grammar(schema, max_reasoning)
@@ -166,7 +167,7 @@ class ShardInferencer:
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
         if row.schema is not None:
-            from ossbatch.pipeline.constrain import validate_answer
+            from ossbatch.pipeline.answer import validate_answer
 
             result["output_json"], result["schema_valid"] = validate_answer(parsed.output_text or "", row.schema)
         if self.settings.keep_token_ids:
@@ -179,7 +180,7 @@ class ShardInferencer:
 
 def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):
     """Consecutive length buckets sharing one KV cache of ``slots`` rows, each as wide as the run's
-    longest prompt + largest budget, with ``slots * width <= batch_tokens`` (the memory a static
+    longest prompt + largest budget, with ``slots * width <= batch_tokens`` (the KV memory one
     batch may use). A bucket joins the run unless its width would cut the slots by more than a
     quarter where they bind, so one long row does not narrow the cache for every short one.
     Yields (buckets, slots)."""
@@ -206,7 +207,7 @@ def _slot_cap(width: int, batch_tokens: int, max_rows: int) -> int:
 def _batch_constraint(rows: list[_Prepared], vocab_size: int):
     if all(r.grammar is None for r in rows):
         return None
-    from ossbatch.pipeline.constrain import BatchConstraint
+    from ossbatch.pipeline.masks import BatchConstraint
 
     return BatchConstraint([r.grammar for r in rows], vocab_size)
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from ossbatch.pipeline.job import (
     JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, PART_NAME, committed_shards, load_plan, output_layout,
 )
-from ossbatch.pipeline.storage import exists, filesystem, join, read_json
+from ossbatch.pipeline.storage import LOCAL, Storage, exists, join, read_json
 
 
 def _n(value) -> str:
@@ -67,15 +67,15 @@ def _summary_lines(title: str, rows_by_status: dict, tokens: dict, extra: list[t
     return [title, *("  " + line for line in _table(rows))]
 
 
-def format_manifest(output_uri: str, storage_options: dict | None = None, max_failures: int = 5) -> str:
+def format_manifest(output_uri: str, storage: Storage = LOCAL, max_failures: int = 5) -> str:
     """The job at ``output_uri`` as text: a finished job's manifest, or an unfinished job's progress."""
     _, work_dir = output_layout(output_uri)
-    fs, work = filesystem(work_dir, storage_options)
+    fs, work = storage.filesystem(work_dir)
     manifest_path = join(work, MANIFEST_FILE)
     if exists(fs, manifest_path):
         lines, parts = _finished(read_json(fs, manifest_path))
     elif exists(fs, join(work, JOB_FILE)):
-        lines, parts = _unfinished(fs, work, load_plan(output_uri, storage_options))
+        lines, parts = _unfinished(fs, work, load_plan(output_uri, storage))
     else:
         return f"{output_uri}: no ossbatch job here (no {MANIFEST_FILE} or {JOB_FILE} in {work_dir})"
     failures = first_failures(fs, work, parts, max_failures) if max_failures > 0 else []

@@ -9,9 +9,9 @@ Output layout (``work_dir`` is the output directory, or ``<output>.parts`` for a
 
 A re-run of the same job (same inputs, model content hash, settings, shard size) finds _job.json,
 skips shards that have markers and overwrites any part file left without one, so every id ends up
-in the output exactly once however often the job was killed. A Prefect flow can call the same
-functions: plan_job once, read_shard/commit_shard per task, finalize_job at the end; JobPlan is
-plain data (``to_dict``/``from_dict``, ``load_plan``), so tasks may run elsewhere.
+in the output exactly once however often the job was killed. pipeline.driver runs these steps, in
+one process or a shard per Prefect task or Ray actor; JobPlan is plain data (``to_dict``/
+``from_dict``, ``load_plan``) plus the job's `Storage`, so shards may run elsewhere.
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ import json
 import os
 import re
 import socket
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import jsonschema
@@ -34,7 +31,7 @@ import pyarrow.compute as pc
 from ossbatch.pipeline.batch_api import iter_part_rows, write_batch_output
 from ossbatch.pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
 from ossbatch.pipeline.storage import (
-    InputError, InputFile, compression_of, exists, expand_inputs, filesystem, join, list_names,
+    LOCAL, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
     read_json, remove, write_json_atomic,
 )
 from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of, record_id
@@ -61,7 +58,7 @@ TOKEN_KEYS = ("prompt", "reasoning", "output", "completion", "padded_prompt_slot
 class JobSpec:
     inputs: list[str] | str
     output: str
-    storage_options: dict = field(default_factory=dict)
+    storage: Storage = LOCAL
     shard_rows: int = DEFAULT_SHARD_ROWS
     overwrite: bool = False
     model_fingerprint: dict = field(default_factory=dict)  # {"path", "content_hash", "config"}
@@ -76,7 +73,7 @@ class JobPlan:
     output: str
     output_format: str  # "parquet" | "batch_jsonl"
     work_dir: str
-    storage_options: dict
+    storage: Storage  # holds credentials: never in to_dict(), so never in _job.json
     files: list[dict]
     shards: list[dict]  # {"rows": n, "ranges": [range, ...]}; see pipeline.read for ranges
     total_rows: int
@@ -92,17 +89,20 @@ class JobPlan:
         return len(self.shards)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The plan as plain data, without the storage (its options may hold credentials)."""
+        data = asdict(replace(self, storage=LOCAL))
+        del data["storage"]
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> JobPlan:
-        return cls(**data)
+    def from_dict(cls, data: dict, storage: Storage = LOCAL) -> JobPlan:
+        return cls(**data, storage=storage)
 
     def input_files(self) -> list[InputFile]:
         return [InputFile(**f) for f in self.files]
 
     def work_fs(self):
-        return filesystem(self.work_dir, self.storage_options)
+        return self.storage.filesystem(self.work_dir)
 
     def arrow_passthrough_schema(self) -> pa.Schema:
         return decode_schema(self.passthrough_schema)
@@ -203,11 +203,11 @@ class _IdCounter:
                 zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())]
 
 
-def _scan_jsonl(file: InputFile, index: int, storage_options, builder, ids, types) -> None:
+def _scan_jsonl(file: InputFile, index: int, storage: Storage, builder, ids, types) -> None:
     digest = hashlib.sha256()
     seekable = compression_of(file.uri) is None
     rows = 0
-    with open_input(file, storage_options) as f:
+    with open_input(file, storage) as f:
         for ordinal, (line_no, offset, raw) in enumerate(iter_jsonl_lines(f, digest=digest)):
             builder.add(index, ordinal, 1, offset=offset if seekable else None, line=line_no)
             fallback = f"{file.label}:{line_no}"
@@ -223,8 +223,8 @@ def _scan_jsonl(file: InputFile, index: int, storage_options, builder, ids, type
     file.rows = rows
 
 
-def _scan_parquet(file: InputFile, index: int, storage_options, builder, ids, types) -> None:
-    with parquet_file(file, storage_options) as reader:
+def _scan_parquet(file: InputFile, index: int, storage: Storage, builder, ids, types) -> None:
+    with parquet_file(file, storage) as reader:
         schema = reader.schema_arrow
         names = schema.names
         file.rows = reader.metadata.num_rows
@@ -277,12 +277,11 @@ def plan_job(spec: JobSpec) -> JobPlan:
     if int(spec.shard_rows) < 1:
         raise InputError(f"--shard-rows must be a positive integer, got {spec.shard_rows}")
     inputs = [spec.inputs] if isinstance(spec.inputs, str) else list(spec.inputs)
-    options = dict(spec.storage_options or {})
-    files = expand_inputs(inputs, options)
+    files = expand_inputs(inputs, spec.storage)
     builder, ids, types = _ShardBuilder(int(spec.shard_rows)), _IdCounter(), PassthroughTypes()
     for index, file in enumerate(files):
         scan = _scan_parquet if file.format == "parquet" else _scan_jsonl
-        scan(file, index, options, builder, ids, types)
+        scan(file, index, spec.storage, builder, ids, types)
     duplicates = ids.duplicates()
     if duplicates:
         raise _duplicate_error(duplicates)
@@ -303,7 +302,7 @@ def plan_job(spec: JobSpec) -> JobPlan:
         output=spec.output,
         output_format=output_format,
         work_dir=work_dir,
-        storage_options=options,
+        storage=spec.storage,
         files=[f.to_dict() for f in files],
         shards=shards,
         total_rows=sum(s["rows"] for s in shards),
@@ -332,7 +331,7 @@ def _claim_output(plan: JobPlan, overwrite: bool) -> None:
     previous = read_json(fs, join(work, JOB_FILE)) if JOB_FILE in names else None
     if previous and previous.get("job_key") == plan.job_key:
         return
-    batch_fs, batch_path = filesystem(plan.output, plan.storage_options)
+    batch_fs, batch_path = plan.storage.filesystem(plan.output)
     batch_file_exists = plan.output_format == "batch_jsonl" and exists(batch_fs, batch_path)
     if names or batch_file_exists:
         if not overwrite:
@@ -346,25 +345,25 @@ def _claim_output(plan: JobPlan, overwrite: bool) -> None:
             remove(fs, join(work, name), recursive=name == MARKER_DIR)
         if batch_file_exists:
             remove(batch_fs, batch_path)
-    # Storage options may hold credentials: they stay out of the output; load_plan takes them again.
-    stored = {**plan.to_dict(), "storage_options": {}}
+    # The plan without its storage (credentials stay out of the output); load_plan takes it again.
     write_json_atomic(fs, join(work, JOB_FILE), {
-        "version": PLAN_VERSION, "job_key": plan.job_key, "identity": plan.identity, "plan": stored,
+        "version": PLAN_VERSION, "job_key": plan.job_key, "identity": plan.identity, "plan": plan.to_dict(),
     })
 
 
-def load_plan(output: str, storage_options: dict | None = None) -> JobPlan:
+def load_plan(output: str, storage: Storage = LOCAL) -> JobPlan:
     """The plan stored by plan_job in the output, for workers that did not plan."""
     _, work_dir = output_layout(output)
-    fs, work = filesystem(work_dir, storage_options)
+    fs, work = storage.filesystem(work_dir)
     stored = read_json(fs, join(work, JOB_FILE))["plan"]
-    return JobPlan.from_dict({**stored, "storage_options": dict(storage_options or {})})
+    stored.pop("storage_options", None)  # written by versions that blanked it instead of leaving it out
+    return JobPlan.from_dict(stored, storage)
 
 
 def read_shard(plan: JobPlan, shard_index: int) -> list[dict]:
     """The normalized, validated requests of one shard, in input order."""
     ranges = plan.shards[shard_index]["ranges"]
-    return list(read_ranges(plan.input_files(), ranges, plan.storage_options))
+    return list(read_ranges(plan.input_files(), ranges, plan.storage))
 
 
 def _marker_path(work: str, shard_index: int) -> str:
@@ -457,7 +456,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     """
     if set(plan.already_committed) == set(range(plan.num_shards)):
         # Every shard was done before this run planned: the job is finished, keep its record.
-        finished = read_manifest(plan.output, plan.storage_options)
+        finished = read_manifest(plan.output, plan.storage)
         if finished and finished.get("job_key") == plan.job_key:
             return finished
     markers = _read_markers(plan)
@@ -531,48 +530,11 @@ def _write_batch_file(plan: JobPlan, markers: list[dict]) -> None:
             for row in iter_part_rows(fs, join(work, marker["part"])):
                 yield row, created
 
-    write_batch_output(plan.output, plan.storage_options, rows(), model=default_model, job_key=plan.job_key)
+    write_batch_output(plan.output, plan.storage, rows(), model=default_model, job_key=plan.job_key)
 
 
-def read_manifest(output: str, storage_options: dict | None = None) -> dict | None:
+def read_manifest(output: str, storage: Storage = LOCAL) -> dict | None:
     _, work_dir = output_layout(output)
-    fs, work = filesystem(work_dir, storage_options)
+    fs, work = storage.filesystem(work_dir)
     path = join(work, MANIFEST_FILE)
     return read_json(fs, path) if exists(fs, path) else None
-
-
-InferShard = Callable[[list[dict]], tuple[list[dict], dict]]
-
-
-def run_job_locally(spec: JobSpec, infer_shard: InferShard, progress: Callable[[dict], None] | None = None,
-                    worker: str | None = None) -> dict:
-    """Plan, run every pending shard through ``infer_shard`` and commit it, finalize; the manifest.
-
-    ``progress`` receives dicts: {"event": "planned", "shards", "pending", "rows"} once, then
-    {"event": "committed", "shard", "rows", "seconds", "done", "shards", "marker"} after each commit.
-    A job that already finished is not redone: its manifest is returned as it is.
-    """
-    started = time.monotonic()
-    plan = plan_job(spec)
-    pending = pending_shards(plan)
-    if progress:
-        progress({"event": "planned", "shards": plan.num_shards, "pending": len(pending), "rows": plan.total_rows})
-    worker = worker or default_worker()
-    done = plan.num_shards - len(pending)
-    # The next shard is read and validated in a thread while the engine runs this one: from object
-    # storage that is mostly waiting on the network. A read error surfaces when that shard's turn comes.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossbatch-read") as reader:
-        upcoming = reader.submit(read_shard, plan, pending[0]) if pending else None
-        for position, shard_index in enumerate(pending):
-            requests = upcoming.result()
-            if position + 1 < len(pending):
-                upcoming = reader.submit(read_shard, plan, pending[position + 1])
-            shard_started = time.monotonic()
-            results, stats = infer_shard(requests)
-            seconds = time.monotonic() - shard_started
-            marker = commit_shard(plan, shard_index, results, stats, worker, seconds)
-            done += 1
-            if progress:
-                progress({"event": "committed", "shard": shard_index, "rows": len(results), "seconds": seconds,
-                          "done": done, "shards": plan.num_shards, "marker": marker})
-    return finalize_job(plan, time.monotonic() - started)

@@ -1,11 +1,18 @@
-"""Parse a harmony completion into reasoning (analysis) and answer (final)."""
+"""Parse a harmony completion into reasoning (analysis) and answer (final), with openai-harmony.
+
+The token counts come from the same parse: harmony's streaming parser says where each message
+ends, and a message's tokens count as output when harmony gives it the ``final`` channel, from
+its header's ``<|channel|>`` on (the ``<|start|>assistant`` announcing it counts as reasoning,
+as the first message's lies in the prompt).
+"""
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-from openai_harmony import HarmonyError, Role
+from openai_harmony import HarmonyError, Role, StreamableParser, StreamState
 
-from ossbatch.pipeline.render import harmony_encoding
+from ossbatch.pipeline.harmony import CALL, CHANNEL, END, RETURN, harmony_encoding
+
+_CLOSERS = frozenset((END, RETURN, CALL))
 
 
 @dataclass
@@ -19,37 +26,33 @@ class ParsedCompletion:
     output_tokens: int
 
 
-@lru_cache(maxsize=1)
-def _header_tokens() -> tuple[int, list[int], int]:
-    enc = harmony_encoding()
-    channel, message = enc.encode("<|channel|>", allowed_special="all")[0], enc.encode("<|message|>", allowed_special="all")[0]
-    return channel, enc.encode("final", disallowed_special=()), message
-
-
-def _final_message_start(token_ids: list[int]) -> int | None:
-    """Index of the first token of the final channel's message header, if any."""
-    channel, final, message = _header_tokens()
-    for i, token in enumerate(token_ids):
-        if token == channel and token_ids[i + 1 : i + 1 + len(final)] == final:
-            if token_ids[i + 1 + len(final) : i + 2 + len(final)] == [message]:
-                return i
-    return None
-
-
 def parse_completion(token_ids: list[int], finish_reason: str) -> ParsedCompletion:
     """`finish_reason` is the engine's: "stop" (a stop token ended it) or "length"."""
-    final_at = _final_message_start(token_ids)
-    reasoning_tokens = len(token_ids) if final_at is None else final_at
-    output_tokens = len(token_ids) - reasoning_tokens
     truncated = finish_reason == "length"
+    # A truncated completion has no closing token: parse what there is, leniently.
+    parser = StreamableParser(harmony_encoding(), Role.ASSISTANT, strict=not truncated)
+    spans: list[tuple[int, int]] = []  # each completed message's tokens: [start, stop)
     try:
-        # A truncated completion has no closing token: parse what there is, leniently.
-        messages = harmony_encoding().parse_messages_from_completion_tokens(token_ids, Role.ASSISTANT, strict=not truncated)
+        for i, token in enumerate(token_ids):
+            parser.process(token)
+            # only a closing token can end a message: ask the parser then (its state is JSON)
+            if token in _CLOSERS and parser.state == StreamState.EXPECT_START:
+                spans.append((spans[-1][1] if spans else 0, i + 1))
+        parser.process_eos()
+        error = None
     except HarmonyError as err:
+        error = err
+    messages = parser.messages
+    if error is None and len(messages) > len(spans):  # a truncated last message, closed by process_eos
+        spans.append((spans[-1][1] if spans else 0, len(token_ids)))
+    output_tokens = sum(_output_tokens(token_ids, span) for span, m in zip(spans, messages) if m.channel == "final")
+    reasoning_tokens = len(token_ids) - output_tokens
+    if error is not None:
         if truncated:  # cut off inside a header: it ran out of tokens, which is what the row needs to know
-            return ParsedCompletion("length", "length", None, None, f"truncated completion does not parse as harmony: {err}",
+            return ParsedCompletion("length", "length", None, None, f"truncated completion does not parse as harmony: {error}",
                                     reasoning_tokens, output_tokens)
-        return ParsedCompletion("error", "error", None, None, f"completion does not parse as harmony: {err}", reasoning_tokens, output_tokens)
+        return ParsedCompletion("error", "error", None, None, f"completion does not parse as harmony: {error}",
+                                reasoning_tokens, output_tokens)
     reasoning, output = [], []
     for message in messages:
         text = "".join(part.text for part in message.content if hasattr(part, "text"))
@@ -63,3 +66,10 @@ def parse_completion(token_ids: list[int], finish_reason: str) -> ParsedCompleti
         reasoning_tokens=reasoning_tokens,
         output_tokens=output_tokens,
     )
+
+
+def _output_tokens(token_ids: list[int], span: tuple[int, int]) -> int:
+    """A final message's output tokens: its span from the header's ``<|channel|>`` on."""
+    start, stop = span
+    header = token_ids.index(CHANNEL, start, stop) if CHANNEL in token_ids[start:stop] else start
+    return stop - header

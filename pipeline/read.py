@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from ossbatch.pipeline.storage import InputFile, compression_of, expand_inputs, filesystem
+from ossbatch.pipeline.storage import LOCAL, InputFile, Storage, compression_of, expand_inputs
 from ossbatch.pipeline.validate import error_request, normalize
 
 READ_BLOCK_BYTES = 1 << 20
@@ -71,13 +71,12 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | BadLine:
     return record
 
 
-def open_input(file: InputFile, storage_options: dict | None):
-    fs, path = filesystem(file.uri, storage_options)
-    return fs.open(path, "rb", compression=compression_of(path), block_size=REMOTE_BLOCK_BYTES)
+def open_input(file: InputFile, storage: Storage):
+    return storage.open(file.uri, "rb", compression=compression_of(file.uri), block_size=REMOTE_BLOCK_BYTES)
 
 
 def iter_records(file: InputFile, start: int = 0, stop: int | None = None, *, offset: int | None = None,
-                 line: int | None = None, storage_options: dict | None = None,
+                 line: int | None = None, storage: Storage = LOCAL,
                  columns: list[str] | None = None, resume_stream: bool = False) -> Iterator[tuple[int, dict | BadLine]]:
     """(line or row number, record) for records ``[start, stop)`` of one input file.
 
@@ -86,15 +85,15 @@ def iter_records(file: InputFile, start: int = 0, stop: int | None = None, *, of
     file once, not once per shard). Only for callers that drain the iterator before the next call.
     """
     if file.format == "parquet":
-        yield from _iter_parquet(file, start, stop, storage_options, columns)
+        yield from _iter_parquet(file, start, stop, storage, columns)
     elif compression_of(file.uri) and resume_stream:
-        yield from _iter_compressed(file, start, stop, storage_options)
+        yield from _iter_compressed(file, start, stop, storage)
     else:
-        yield from _iter_jsonl(file, start, stop, offset, line, storage_options)
+        yield from _iter_jsonl(file, start, stop, offset, line, storage)
 
 
-def _iter_jsonl(file, start, stop, offset, line, storage_options):
-    with open_input(file, storage_options) as f:
+def _iter_jsonl(file, start, stop, offset, line, storage):
+    with open_input(file, storage) as f:
         if offset:
             f.seek(offset)
             lines = iter_jsonl_lines(f, offset=offset, first_line=line or 1)
@@ -123,13 +122,13 @@ class _Stream:
 _streams = threading.local()
 
 
-def _iter_compressed(file, start, stop, storage_options):
+def _iter_compressed(file, start, stop, storage):
     key = (file.uri, file.version)
     stream = getattr(_streams, "current", None)
     if stream is None or stream.key != key or stream.next_ordinal > start:
         if stream is not None:
             stream.close()
-        stream = _streams.current = _Stream(key, open_input(file, storage_options))
+        stream = _streams.current = _Stream(key, open_input(file, storage))
     while stop is None or stream.next_ordinal < stop:
         item = next(stream.lines, None)
         if item is None:
@@ -146,14 +145,13 @@ def _iter_compressed(file, start, stop, storage_options):
 
 
 @contextlib.contextmanager
-def parquet_file(file: InputFile, storage_options: dict | None) -> Iterator[pq.ParquetFile]:
-    fs, path = filesystem(file.uri, storage_options)
-    with fs.open(path, "rb", block_size=REMOTE_BLOCK_BYTES) as f:
+def parquet_file(file: InputFile, storage: Storage) -> Iterator[pq.ParquetFile]:
+    with storage.open(file.uri, "rb", block_size=REMOTE_BLOCK_BYTES) as f:
         yield pq.ParquetFile(f)
 
 
-def _iter_parquet(file, start, stop, storage_options, columns):
-    with parquet_file(file, storage_options) as reader:
+def _iter_parquet(file, start, stop, storage, columns):
+    with parquet_file(file, storage) as reader:
         yield from _iter_parquet_rows(reader, start, stop, columns)
 
 
@@ -196,16 +194,16 @@ def requests_from(file: InputFile, records: Iterable[tuple[int, dict | BadLine]]
             yield normalize(record, fallback_id=fallback, where=where_of(file, number))
 
 
-def read_ranges(files: list[InputFile], ranges: list[dict], storage_options: dict | None = None) -> Iterator[dict]:
+def read_ranges(files: list[InputFile], ranges: list[dict], storage: Storage = LOCAL) -> Iterator[dict]:
     """Requests of the given ranges; drain it before the next call (see ``resume_stream``)."""
     for r in ranges:
         file = files[r["file"]]
         records = iter_records(file, r["start"], r["stop"], offset=r.get("offset"), line=r.get("line"),
-                               storage_options=storage_options, resume_stream=True)
+                               storage=storage, resume_stream=True)
         yield from requests_from(file, records)
 
 
-def read_requests(inputs: list[str] | str, storage_options: dict | None = None) -> Iterator[dict]:
+def read_requests(inputs: list[str] | str, storage: Storage = LOCAL) -> Iterator[dict]:
     """Every request of the inputs, in order, streamed (no duplicate check: that is plan_job's)."""
-    for file in expand_inputs(inputs, storage_options):
-        yield from requests_from(file, iter_records(file, storage_options=storage_options))
+    for file in expand_inputs(inputs, storage):
+        yield from requests_from(file, iter_records(file, storage=storage))

@@ -7,38 +7,15 @@ on the `final` channel, then the assistant's turn.  Text that spells a
 special token is encoded as text.
 """
 
-import os
 from functools import lru_cache
-from pathlib import Path
 
-from openai_harmony import (
-    Conversation,
-    DeveloperContent,
-    HarmonyEncodingName,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    load_harmony_encoding,
-)
+from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
+
+from ossbatch.pipeline.harmony import harmony_encoding
 
 REASONING_EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 _ROLES = {"user": Role.USER, "assistant": Role.ASSISTANT}
 _INSTRUCTION_ROLES = ("system", "developer")
-
-
-def _point_at_shared_vocabulary():
-    # Offline machines keep o200k_base beside the project; openai-harmony would otherwise download it.
-    if "TIKTOKEN_ENCODINGS_BASE" not in os.environ:
-        shared = Path(__file__).resolve().parent.parent.parent / "shared" / "tiktoken"
-        if (shared / "o200k_base.tiktoken").exists():
-            os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(shared)
-
-
-@lru_cache(maxsize=1)
-def harmony_encoding():
-    _point_at_shared_vocabulary()
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 def stop_token_ids() -> list[int]:
@@ -75,16 +52,6 @@ def _header(developer_text: str, reasoning_effort: str, response_format: str | N
         developer = DeveloperContent.new().with_instructions("\n\n".join(filter(None, [developer_text, response_format])))
         header.append(Message.from_role_and_content(Role.DEVELOPER, developer))
     return header
-
-
-def build_conversation(
-    messages: list[dict],
-    instructions: str | None = None,
-    reasoning_effort: str = "medium",
-    response_format: str | None = None,
-) -> Conversation:
-    developer_text, turns = _turns(messages, instructions)
-    return Conversation.from_messages(_header(developer_text, reasoning_effort, response_format) + turns)
 
 
 @lru_cache(maxsize=256)

@@ -2,7 +2,9 @@
 
 Everything goes through fsspec (s3fs for ``s3://``) because pyarrow's native S3 filesystem
 ignores ``AWS_ENDPOINT_URL``; s3 credentials, region and endpoint come from the standard
-``AWS_*`` variables, and ``--storage-options`` adds whatever else a filesystem needs.
+``AWS_*`` variables, and ``--storage-options`` adds whatever else a filesystem needs. Those options
+travel inside one `Storage` object, the only thing that opens a filesystem; they may hold secrets,
+so the object never shows them (repr, JSON, Prefect parameters) and no output file records them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import posixpath
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from pydantic import BaseModel, ConfigDict, Field, Secret, model_validator
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
@@ -34,43 +38,87 @@ class InputError(ValueError):
     """The job cannot start: bad inputs or an output that belongs to a different job."""
 
 
-def parse_storage_options(text: str | None) -> dict:
-    """``--storage-options JSON`` as a dict (empty when not given)."""
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"--storage-options is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise InputError("--storage-options must be a JSON object")
-    return options
-
-
 def protocol_of(uri: str) -> str:
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     return "file" if protocol == "local" else protocol
 
 
-def options_for(uri: str, storage_options: dict | None) -> dict:
-    """The storage options that apply to ``uri``.
+class Storage(BaseModel):
+    """Where a job's bytes live: the fsspec options (``--storage-options``) that reach its stores.
 
     Options may be flat (``{"anon": true}``, handed to every remote filesystem) or keyed by
     protocol (``{"s3": {...}, "gs": {...}}``) when inputs and output live in different stores.
+    They are a pydantic ``Secret``: a Prefect parameter or a log shows ``**********``.
     """
-    storage_options = storage_options or {}
-    protocol = protocol_of(uri)
-    nested = storage_options.get(protocol)
-    if isinstance(nested, dict):
-        return dict(nested)
-    if protocol in OPTIONLESS_PROTOCOLS:
-        return {}
-    return {k: v for k, v in storage_options.items() if not isinstance(v, dict) or k not in fsspec.available_protocols()}
+
+    model_config = ConfigDict(frozen=True)
+
+    secret_options: Secret[dict[str, Any]] = Field(default_factory=lambda: Secret({}))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_options(cls, value):
+        # A flow's parameters (prefect.yaml) give the options themselves: storage: {s3: {...}}.
+        if isinstance(value, dict) and set(value) != {"secret_options"}:
+            return {"secret_options": value}
+        return value
+
+    @classmethod
+    def from_options(cls, storage_options: dict | None) -> Storage:
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise InputError(f"--storage-options must be a JSON object, got {type(storage_options).__name__}")
+        return cls(secret_options=dict(storage_options or {}))
+
+    @classmethod
+    def from_flag(cls, text: str | None) -> Storage:
+        """``--storage-options JSON`` (no flag: no options)."""
+        if not text:
+            return cls()
+        try:
+            storage_options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--storage-options is not valid JSON: {err}") from None
+        if not isinstance(storage_options, dict):
+            raise InputError("--storage-options must be a JSON object")
+        return cls.from_options(storage_options)
+
+    @property
+    def options(self) -> dict:
+        return self.secret_options.get_secret_value()
+
+    def options_for(self, uri: str) -> dict:
+        """The options that apply to ``uri`` (see the class docstring)."""
+        options = self.options
+        protocol = protocol_of(uri)
+        nested = options.get(protocol)
+        if isinstance(nested, dict):
+            return dict(nested)
+        if protocol in OPTIONLESS_PROTOCOLS:
+            return {}
+        return {k: v for k, v in options.items() if not isinstance(v, dict) or k not in fsspec.available_protocols()}
+
+    def filesystem(self, uri: str):
+        """(fs, path-within-fs) for a URI or local path."""
+        return url_to_fs(uri, **self.options_for(uri))
+
+    def exists(self, uri: str) -> bool:
+        return exists(*self.filesystem(uri))
+
+    def open(self, uri: str, mode: str = "rb", **kwargs):
+        fs, path = self.filesystem(uri)
+        return fs.open(path, mode, **kwargs)
+
+    def atomic_open(self, uri: str, mode: str = "wb"):
+        return atomic_open(*self.filesystem(uri), mode)
+
+    def read_json(self, uri: str):
+        return read_json(*self.filesystem(uri))
+
+    def write_json(self, uri: str, obj) -> None:
+        write_json_atomic(*self.filesystem(uri), obj)
 
 
-def filesystem(uri: str, storage_options: dict | None = None):
-    """(fs, path-within-fs) for a URI or local path."""
-    return url_to_fs(uri, **options_for(uri, storage_options))
+LOCAL = Storage()  # no options: local paths, memory://, and s3 configured by AWS_* variables
 
 
 def join(base: str, *names: str) -> str:
@@ -153,7 +201,7 @@ def content_hash(fs, path: str, chunk: int = 1 << 20) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def expand_inputs(inputs: list[str] | str, storage_options: dict | None = None) -> list[InputFile]:
+def expand_inputs(inputs: list[str] | str, storage: Storage = LOCAL) -> list[InputFile]:
     """Every input file named by paths, URIs, directories or globs, each once, in order."""
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -162,7 +210,7 @@ def expand_inputs(inputs: list[str] | str, storage_options: dict | None = None) 
     files: list[InputFile] = []
     seen: set[str] = set()
     for spec in inputs:
-        fs, path = filesystem(spec, storage_options)
+        fs, path = storage.filesystem(spec)
         fs.invalidate_cache()
         listed = _listed(fs, path)
         if not listed:

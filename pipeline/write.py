@@ -105,10 +105,6 @@ def _json_text(values: list) -> list:
     return [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values]
 
 
-def output_schema(passthrough_schema: pa.Schema) -> pa.Schema:
-    return pa.schema(RESULT_FIELDS + list(passthrough_schema))
-
-
 def results_table(results: list[dict], passthrough_schema: pa.Schema) -> pa.Table:
     """Result rows (as infer_shard returns them) as a table with the job's output schema."""
     arrays = [pa.array([r.get(f.name) for r in results], type=f.type) for f in RESULT_FIELDS]

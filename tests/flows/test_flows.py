@@ -14,7 +14,7 @@ import pytest
 
 from ossbatch.flows import grading, synthetic
 from ossbatch.flows.cli import main
-from ossbatch.flows.jobs import JobOptions, make_job
+from ossbatch.pipeline.config import Job, JobOptions
 from flow_helpers import jsonl, write_jsonl
 
 REVIEWS = [
@@ -77,7 +77,7 @@ def test_a_shard_that_fails_once_is_retried_and_the_job_completes(prefect_server
     import ossbatch.flows.batch
     from ossbatch.flows.batch import batch_inference
 
-    real = ossbatch.flows.batch.run_one_shard
+    real = ossbatch.flows.batch.run_shard
     calls = []
 
     def flaky(plan, shard_index, engine, worker=None):
@@ -86,11 +86,11 @@ def test_a_shard_that_fails_once_is_retried_and_the_job_completes(prefect_server
             raise ConnectionError("the store dropped the connection")
         return real(plan, shard_index, engine, worker)
 
-    monkeypatch.setattr(ossbatch.flows.batch, "run_one_shard", flaky)
+    monkeypatch.setattr(ossbatch.flows.batch, "run_shard", flaky)
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": f"q {i}"} for i in range(4)])
-    job, engine = make_job(str(tiny_model_dir), source, str(tmp_path / "out"),
-                           JobOptions(max_tokens=3).run_settings(), shard_rows=2)
-    manifest = batch_inference(job, engine, quiet=True)
+    job = Job(model=str(tiny_model_dir), inputs=[source], output=str(tmp_path / "out"),
+              options=JobOptions(max_tokens=3, shard_rows=2))
+    manifest = batch_inference(job, quiet=True)
     assert calls == [0, 0, 1]  # shard 0 failed, was retried, then shard 1 ran
     assert manifest["rows"]["total"] == 4 and [s["shard"] for s in manifest["shards"]] == [0, 1]
     ids = pa.concat_tables([_table(p) for p in sorted((tmp_path / "out").glob("part-*"))]).column("id").to_pylist()
@@ -231,3 +231,21 @@ def test_eval_refuses_a_missing_gold_column_before_running(prefect_server, tiny_
                  "--gold-column", "gold", "--quiet"]) == 2
     assert "--gold-column 'gold' is not a column" in capsys.readouterr().err
     assert not (tmp_path / "e" / "job").exists()
+
+
+def test_storage_options_stay_out_of_the_flow_runs_parameters_and_the_output(prefect_server, tiny_model_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from ossbatch.flows.batch import batch_inference
+    from ossbatch.pipeline.storage import Storage
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "q0", "prompt": "q"}])
+    secret = Storage.from_options({"s3": {"secret": "hunter2"}})  # s3 options: the local files never see them
+    job = Job(model=str(tiny_model_dir), inputs=[source], output=str(tmp_path / "out"),
+              options=JobOptions(max_tokens=2, storage=secret))
+    assert batch_inference(job, quiet=True)["rows"]["total"] == 1
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if str(tmp_path / "out") in json.dumps(r.parameters, default=str)]
+    assert len(runs) == 1 and runs[0].parameters["job"]["options"]["max_tokens"] == 2
+    assert "hunter2" not in json.dumps(runs[0].parameters, default=str)
+    assert "hunter2" not in (tmp_path / "out" / "_job.json").read_text()

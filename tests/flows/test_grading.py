@@ -13,6 +13,7 @@ from ossbatch.flows.jobs import check_columns, column_named, resolve_output, slu
 from ossbatch.flows.nightly import default_history
 from ossbatch.flows.ray_runner import actor_plan
 from ossbatch.pipeline.read import BadLine
+from ossbatch.pipeline.storage import LOCAL
 from ossbatch.pipeline.write import SOURCE_KEY
 
 
@@ -162,9 +163,9 @@ def test_outputs_paths_and_keys():
 def test_a_missing_gold_column_fails_before_any_work(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "p", "answer": "A"}) + "\n")
-    check_columns([str(path)], {}, {"--gold-column": "answer"})
+    check_columns([str(path)], LOCAL, {"--gold-column": "answer"})
     with pytest.raises(ValueError, match="--gold-column 'gold' is not a column of the input; its columns: answer"):
-        check_columns([str(path)], {}, {"--gold-column": "gold"})
+        check_columns([str(path)], LOCAL, {"--gold-column": "gold"})
 
 
 def test_ray_actors_take_a_gpu_each_or_share_a_node_s_cpus():

@@ -14,7 +14,8 @@ import time
 from pipeline_fakes import FakeEngine
 
 from ossbatch.pipeline import job, write
-from ossbatch.pipeline.job import JobSpec, run_job_locally
+from ossbatch.pipeline.driver import run_job
+from ossbatch.pipeline.job import JobSpec
 
 SHARD_SECONDS = 0.03
 
@@ -63,7 +64,7 @@ def main():
             os.fsync(log.fileno())
         return results, stats
 
-    run_job_locally(JobSpec(inputs=source, output=output, shard_rows=5), infer_shard)
+    run_job(JobSpec(inputs=source, output=output, shard_rows=5), infer_shard)
 
 
 if __name__ == "__main__":

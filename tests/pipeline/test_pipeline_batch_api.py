@@ -9,7 +9,8 @@ from openai.types.responses import Response
 from pipeline_fakes import FakeEngine, jsonl_bytes, write_jsonl
 
 from ossbatch.pipeline.batch_api import batch_output_line
-from ossbatch.pipeline.job import JobSpec, finalize_job, load_plan, run_job_locally
+from ossbatch.pipeline.driver import run_job
+from ossbatch.pipeline.job import JobSpec, finalize_job, load_plan
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
@@ -75,7 +76,7 @@ def check_output(by_id: dict, source_name: str) -> None:
 def test_batch_file_in_batch_file_out(tmp_path):
     inputs = write_jsonl(tmp_path / "batch.jsonl", batch_lines())
     output = tmp_path / "results.jsonl"
-    manifest = run_job_locally(JobSpec(inputs=inputs, output=str(output), shard_rows=4), FakeEngine())
+    manifest = run_job(JobSpec(inputs=inputs, output=str(output), shard_rows=4), FakeEngine())
     check_output(parse_output(output.read_text()), "batch.jsonl")
     assert manifest["output"]["format"] == "batch_jsonl"
     assert (tmp_path / "results.jsonl.parts" / "manifest.json").exists()
@@ -88,7 +89,7 @@ def test_batch_file_in_batch_file_out(tmp_path):
 
 def test_batch_file_on_s3(s3):
     inputs = s3.put("batches/in.jsonl", jsonl_bytes(batch_lines()))
-    run_job_locally(JobSpec(inputs=inputs, output=s3.uri("batches/out.jsonl"), shard_rows=2), FakeEngine())
+    run_job(JobSpec(inputs=inputs, output=s3.uri("batches/out.jsonl"), shard_rows=2), FakeEngine())
     check_output(parse_output(s3.fs.cat(f"{s3.bucket}/batches/out.jsonl").decode()), "in.jsonl")
     assert s3.fs.exists(f"{s3.bucket}/batches/out.jsonl.parts/manifest.json")
 
@@ -97,7 +98,7 @@ def test_an_existing_batch_output_is_not_replaced_without_overwrite(tmp_path):
     inputs = write_jsonl(tmp_path / "batch.jsonl", batch_lines())
     (tmp_path / "results.jsonl").write_text("someone else's results\n")
     with pytest.raises(ValueError, match="--overwrite"):
-        run_job_locally(JobSpec(inputs=inputs, output=str(tmp_path / "results.jsonl")), FakeEngine())
+        run_job(JobSpec(inputs=inputs, output=str(tmp_path / "results.jsonl")), FakeEngine())
 
 
 def test_plain_rows_come_out_as_chat_completions():

@@ -11,11 +11,12 @@ from pipeline_fakes import FakeEngine, jsonl_bytes, prompt_rows, write_jsonl
 
 from ossbatch.pipeline import job as job_module
 from ossbatch.pipeline import write as write_module
+from ossbatch.pipeline.driver import run_job
 from ossbatch.pipeline.inspect import format_manifest
 from ossbatch.pipeline.job import (
-    JobPlan, JobSpec, commit_shard, finalize_job, load_plan, pending_shards, plan_job, read_shard, run_job_locally,
+    JobPlan, JobSpec, commit_shard, finalize_job, load_plan, pending_shards, plan_job, read_shard,
 )
-from ossbatch.pipeline.storage import atomic_open, filesystem
+from ossbatch.pipeline.storage import LOCAL, Storage, atomic_open
 from ossbatch.pipeline.validate import InputError, load_schema
 
 MODEL = {"path": "/models/gpt-oss-20b", "content_hash": "sha256:model-a", "config": {"num_hidden_layers": 24}}
@@ -28,7 +29,7 @@ def spec(inputs, output, **kw):
 
 def output_dataset(output: str) -> ds.Dataset:
     # The output folder also holds manifest.json, so readers name the parts: OUTPUT/*.parquet.
-    fs, path = filesystem(output)
+    fs, path = LOCAL.filesystem(output)
     return ds.dataset(sorted(fs.glob(path + "/*.parquet")), filesystem=fs, format="parquet")
 
 
@@ -41,19 +42,19 @@ def test_shards_commit_once_and_a_rerun_skips_committed_ones(tmp_path):
     out = tmp_path / "out"
     crashing = FakeEngine(crash_after=1)
     with pytest.raises(RuntimeError, match="engine crashed"):
-        run_job_locally(spec(inputs, out), crashing)
+        run_job(spec(inputs, out), crashing)
     plan = plan_job(spec(inputs, out))
     assert plan.num_shards == 3 and pending_shards(plan) == [1, 2] and plan.already_committed == [0]
 
     resumed = FakeEngine()
-    manifest = run_job_locally(spec(inputs, out), resumed)
+    manifest = run_job(spec(inputs, out), resumed)
     assert crashing.ids_seen == [f"r{i:05d}" for i in range(10)]
     assert resumed.ids_seen == [f"r{i:05d}" for i in range(10, 25)]  # shard 0 was not recomputed
     assert sorted(output_ids(str(out))) == [f"r{i:05d}" for i in range(25)]
     assert manifest["rows"]["total"] == 25 and manifest["resumed_shards"] == 1
 
     again = FakeEngine()
-    assert run_job_locally(spec(inputs, out), again) == manifest  # a finished job is not redone
+    assert run_job(spec(inputs, out), again) == manifest  # a finished job is not redone
     assert again.ids_seen == []
 
 
@@ -62,7 +63,7 @@ def test_duplicate_ids_stop_the_job_before_any_work(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"id": "twice", "prompt": "y"}, {"id": "r00001", "prompt": "z"}])
     engine = FakeEngine()
     with pytest.raises(InputError) as caught:
-        run_job_locally(spec(str(tmp_path / "*.jsonl"), tmp_path / "out"), engine)
+        run_job(spec(str(tmp_path / "*.jsonl"), tmp_path / "out"), engine)
     assert "duplicate ids" in str(caught.value)
     assert "'twice' (2 rows)" in str(caught.value) and "'r00001' (2 rows)" in str(caught.value)
     assert engine.ids_seen == [] and not (tmp_path / "out").exists()
@@ -78,7 +79,7 @@ def test_changed_input_model_or_settings_is_refused_without_overwrite(tmp_path):
     path = tmp_path / "in.jsonl"
     write_jsonl(path, prompt_rows(25))
     out = tmp_path / "out"
-    run_job_locally(spec(str(path), out), FakeEngine())
+    run_job(spec(str(path), out), FakeEngine())
 
     changed_model = spec(str(path), out)
     changed_model.model_fingerprint = {**MODEL, "content_hash": "sha256:model-b"}
@@ -90,11 +91,11 @@ def test_changed_input_model_or_settings_is_refused_without_overwrite(tmp_path):
     write_jsonl(path, prompt_rows(5, prefix="new"))
     engine = FakeEngine()
     with pytest.raises(InputError, match=r"the input changed.*--overwrite"):
-        run_job_locally(spec(str(path), out), engine)
+        run_job(spec(str(path), out), engine)
     assert engine.ids_seen == []
     assert sorted(output_ids(str(out)))[:1] == ["r00000"]  # the old results are untouched
 
-    manifest = run_job_locally(spec(str(path), out, overwrite=True), engine)
+    manifest = run_job(spec(str(path), out, overwrite=True), engine)
     assert sorted(output_ids(str(out))) == [f"new{i:05d}" for i in range(5)]
     assert manifest["output"]["parts"] == ["part-00000.parquet"]
     assert sorted(p.name for p in out.iterdir()) == ["_job.json", "_shards", "manifest.json", "part-00000.parquet"]
@@ -103,9 +104,9 @@ def test_changed_input_model_or_settings_is_refused_without_overwrite(tmp_path):
 def test_overwrite_does_not_throw_away_progress_of_the_same_job(tmp_path):
     inputs = write_jsonl(tmp_path / "in.jsonl", prompt_rows(25))
     with pytest.raises(RuntimeError):
-        run_job_locally(spec(inputs, tmp_path / "out", overwrite=True), FakeEngine(crash_after=2))
+        run_job(spec(inputs, tmp_path / "out", overwrite=True), FakeEngine(crash_after=2))
     resumed = FakeEngine()
-    run_job_locally(spec(inputs, tmp_path / "out", overwrite=True), resumed)
+    run_job(spec(inputs, tmp_path / "out", overwrite=True), resumed)
     assert resumed.ids_seen == [f"r{i:05d}" for i in range(20, 25)]
 
 
@@ -113,7 +114,7 @@ def test_a_rewritten_but_identical_jsonl_still_resumes(tmp_path):
     path = tmp_path / "in.jsonl"
     write_jsonl(path, prompt_rows(25))
     with pytest.raises(RuntimeError):
-        run_job_locally(spec(str(path), tmp_path / "out"), FakeEngine(crash_after=1))
+        run_job(spec(str(path), tmp_path / "out"), FakeEngine(crash_after=1))
     write_jsonl(path, prompt_rows(25))  # new mtime, same content
     assert pending_shards(plan_job(spec(str(path), tmp_path / "out"))) == [1, 2]
 
@@ -138,7 +139,7 @@ def test_part_written_without_marker_is_redone_and_not_duplicated(tmp_path, monk
     monkeypatch.setattr(job_module, "write_json_atomic", real_write_json)
 
     rerun = FakeEngine()
-    manifest = run_job_locally(spec(inputs, out), rerun)
+    manifest = run_job(spec(inputs, out), rerun)
     assert rerun.shards_seen[0][0] == "r00010"
     ids = output_ids(str(out))
     assert len(ids) == len(set(ids)) == 25
@@ -162,7 +163,7 @@ def test_commit_checks_results_and_keeps_the_first_commit(tmp_path):
 
 
 def test_atomic_open_leaves_nothing_when_the_writer_fails(tmp_path):
-    fs, path = filesystem(str(tmp_path / "file.bin"))
+    fs, path = LOCAL.filesystem(str(tmp_path / "file.bin"))
     with pytest.raises(RuntimeError):
         with atomic_open(fs, path) as f:
             f.write(b"half")
@@ -173,7 +174,7 @@ def test_atomic_open_leaves_nothing_when_the_writer_fails(tmp_path):
 def test_manifest_counts_statuses_tokens_and_shards(tmp_path):
     rows = prompt_rows(12) + [{"id": "short", "prompt": "a b", "max_tokens": 2}, {"id": "bad", "prompt": "x", "top_p": 5}]
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
-    manifest = run_job_locally(spec(inputs, tmp_path / "out", shard_rows=5), FakeEngine(), worker="gpu-0")
+    manifest = run_job(spec(inputs, tmp_path / "out", shard_rows=5), FakeEngine(), worker="gpu-0")
     jsonschema.validate(manifest, load_schema("manifest.schema.json"))
     assert manifest["rows"] == {"total": 14, "ok": 12, "length": 1, "error": 1}
     assert manifest["tokens"] == {
@@ -196,7 +197,7 @@ def test_manifest_counts_statuses_tokens_and_shards(tmp_path):
 def test_inspect_reports_an_unfinished_job(tmp_path):
     inputs = write_jsonl(tmp_path / "in.jsonl", prompt_rows(25))
     with pytest.raises(RuntimeError):
-        run_job_locally(spec(inputs, tmp_path / "out"), FakeEngine(crash_after=2))
+        run_job(spec(inputs, tmp_path / "out"), FakeEngine(crash_after=2))
     text = format_manifest(str(tmp_path / "out"))
     assert "in progress, 2 of 3 shards (20 of 25 rows) committed" in text
     assert "no ossbatch job here" in format_manifest(str(tmp_path / "elsewhere"))
@@ -207,7 +208,7 @@ def test_output_schema_is_the_same_in_every_shard(tmp_path):
             {"id": "b", "prompt": "x", "score": None, "mixed": "one"},
             {"id": "c", "prompt": "x", "score": 2.5, "status": "from input"}]
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
-    run_job_locally(spec(inputs, tmp_path / "out", shard_rows=1), FakeEngine())
+    run_job(spec(inputs, tmp_path / "out", shard_rows=1), FakeEngine())
     schemas = {pq.read_schema(p).remove_metadata() for p in sorted((tmp_path / "out").glob("part-*.parquet"))}
     assert len(schemas) == 1
     (schema,) = schemas
@@ -233,7 +234,7 @@ def test_parquet_passthrough_keeps_its_arrow_types(tmp_path):
         "labels": pa.array([["p", "q"], []], type=pa.list_(pa.string())),
     })
     pq.write_table(table, tmp_path / "in.parquet")
-    run_job_locally(spec(str(tmp_path / "in.parquet"), tmp_path / "out"), FakeEngine())
+    run_job(spec(str(tmp_path / "in.parquet"), tmp_path / "out"), FakeEngine())
     out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert out.schema.field("when").type == pa.timestamp("ms", tz="UTC")
     assert out.column("labels").to_pylist() == [["p", "q"], []]
@@ -280,10 +281,10 @@ def test_job_on_s3_commits_once_and_resumes(s3):
     job = spec(s3.uri("in/*.jsonl"), s3.uri("out"))
     crashing = FakeEngine(crash_after=2)
     with pytest.raises(RuntimeError):
-        run_job_locally(job, crashing)
+        run_job(job, crashing)
     assert pending_shards(plan_job(job)) == [2]
     resumed = FakeEngine()
-    manifest = run_job_locally(job, resumed)
+    manifest = run_job(job, resumed)
     assert resumed.ids_seen == [f"r{i:05d}" for i in range(20, 25)]
     assert sorted(output_ids(s3.uri("out"))) == [f"r{i:05d}" for i in range(25)]
     assert manifest["rows"]["total"] == 25 and manifest["resumed_shards"] == 2
@@ -294,7 +295,7 @@ def test_job_on_s3_commits_once_and_resumes(s3):
     with pytest.raises(InputError, match="--overwrite"):
         plan_job(job)
     job.overwrite = True
-    run_job_locally(job, FakeEngine())
+    run_job(job, FakeEngine())
     assert sorted(output_ids(s3.uri("out"))) == [f"r{i:05d}" for i in range(15)]
     assert sorted(s3.fs.ls(f"{s3.bucket}/out/_shards", detail=False)) == [
         f"{s3.bucket}/out/_shards/shard-0000{i}.json" for i in range(2)]
@@ -344,7 +345,7 @@ def test_gzip_shards_read_in_order_decompress_the_file_once(tmp_path, monkeypatc
 
 def test_empty_input_makes_an_empty_job(tmp_path):
     inputs = write_jsonl(tmp_path / "in.jsonl", [])
-    manifest = run_job_locally(spec(inputs, tmp_path / "out.jsonl"), FakeEngine())
+    manifest = run_job(spec(inputs, tmp_path / "out.jsonl"), FakeEngine())
     assert manifest["rows"]["total"] == 0 and manifest["shards"] == []
     assert (tmp_path / "out.jsonl").read_text() == ""
 
@@ -352,10 +353,10 @@ def test_empty_input_makes_an_empty_job(tmp_path):
 def test_storage_options_are_not_written_into_the_output(tmp_path):
     inputs = write_jsonl(tmp_path / "in.jsonl", prompt_rows(3))
     secret = {"s3": {"secret": "hunter2"}}
-    plan = plan_job(spec(inputs, tmp_path / "out", storage_options=secret))
-    assert plan.storage_options == secret
+    plan = plan_job(spec(inputs, tmp_path / "out", storage=Storage.from_options(secret)))
+    assert plan.storage.options == secret
     assert "hunter2" not in (tmp_path / "out" / "_job.json").read_text()
-    assert load_plan(str(tmp_path / "out"), secret).storage_options == secret
+    assert load_plan(str(tmp_path / "out"), Storage.from_options(secret)).storage.options == secret
 
 
 def test_job_on_the_memory_filesystem():
@@ -363,28 +364,9 @@ def test_job_on_the_memory_filesystem():
 
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/ossbatch-job/in.jsonl", jsonl_bytes(prompt_rows(12)))
-    manifest = run_job_locally(spec("memory://ossbatch-job/in.jsonl", "memory://ossbatch-job/out.jsonl"), FakeEngine())
+    manifest = run_job(spec("memory://ossbatch-job/in.jsonl", "memory://ossbatch-job/out.jsonl"), FakeEngine())
     lines = fs.cat_file("/ossbatch-job/out.jsonl").decode().splitlines()
     assert manifest["rows"]["total"] == 12 and len(lines) == 12
     assert sorted(fs.ls("/ossbatch-job/out.jsonl.parts", detail=False))[:2] == [
         "/ossbatch-job/out.jsonl.parts/_job.json", "/ossbatch-job/out.jsonl.parts/_shards"]
     fs.rm("/ossbatch-job", recursive=True)
-
-
-def test_a_shard_read_ahead_that_fails_surfaces_in_its_turn_after_the_shard_before_commits(tmp_path, monkeypatch):
-    inputs = write_jsonl(tmp_path / "in.jsonl", prompt_rows(25))
-    out = tmp_path / "out"
-    real_read = job_module.read_shard
-
-    def read_failing_on_shard_1(plan, shard_index):
-        if shard_index == 1:
-            raise OSError("storage went away while reading shard 1")
-        return real_read(plan, shard_index)
-
-    monkeypatch.setattr(job_module, "read_shard", read_failing_on_shard_1)
-    engine = FakeEngine()
-    with pytest.raises(OSError, match="shard 1"):
-        run_job_locally(spec(inputs, out), engine)
-    # Shard 1 was read (and failed) while shard 0 ran; shard 0 still committed, nothing after it ran.
-    assert engine.ids_seen == [f"r{i:05d}" for i in range(10)]
-    assert pending_shards(plan_job(spec(inputs, out))) == [1, 2]

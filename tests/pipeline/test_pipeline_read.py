@@ -10,7 +10,7 @@ import pytest
 from pipeline_fakes import jsonl_bytes, prompt_rows, write_jsonl
 
 from ossbatch.pipeline.read import iter_records, read_requests
-from ossbatch.pipeline.storage import InputError, expand_inputs, options_for, parse_storage_options
+from ossbatch.pipeline.storage import InputError, Storage, expand_inputs
 
 
 def ids(requests):
@@ -97,16 +97,16 @@ def test_s3_parts_by_glob(s3):
 
 
 def test_storage_options():
-    assert parse_storage_options('{"anon": false}') == {"anon": False}
-    assert parse_storage_options(None) == {}
+    assert Storage.from_flag('{"anon": false}').options == {"anon": False}
+    assert Storage.from_flag(None).options == {}
     with pytest.raises(InputError, match="not valid JSON"):
-        parse_storage_options("{anon")
-    nested = {"s3": {"anon": True}, "gs": {"token": "x"}}
-    assert options_for("s3://b/k", nested) == {"anon": True}
-    assert options_for("gs://b/k", nested) == {"token": "x"}
+        Storage.from_flag("{anon")
+    nested = Storage.from_options({"s3": {"anon": True}, "gs": {"token": "x"}})
+    assert nested.options_for("s3://b/k") == {"anon": True}
+    assert nested.options_for("gs://b/k") == {"token": "x"}
     # Flat options go to remote stores only; the local filesystem would choke on s3 keys.
-    assert options_for("s3://b/k", {"anon": True}) == {"anon": True}
-    assert options_for("/tmp/x.jsonl", {"anon": True}) == {}
+    assert Storage.from_options({"anon": True}).options_for("s3://b/k") == {"anon": True}
+    assert Storage.from_options({"anon": True}).options_for("/tmp/x.jsonl") == {}
 
 
 def test_jsonl_record_that_is_not_an_object(tmp_path):

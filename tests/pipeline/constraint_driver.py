@@ -1,8 +1,9 @@
 """A random "model" that drives BatchConstraint the way the engine does.
 
-Each step: ``prepare()``, fresh random logits (``randn * scale + bias``, seeded),
-``apply(logits)``, a token per row by argmax (Thurstone sampling at temperature
-``scale``: any token the mask allows can win), ``advance(tokens, active)``.
+Each step over the rows still generating: ``prepare(rows)``, fresh random logits
+(``randn + bias``, seeded), ``apply(logits, rows)``, a token per row by argmax
+(Thurstone sampling: any token the mask allows can win),
+``advance(tokens, rows)``. A row leaves the steps once it samples ``<|return|>``.
 The bias leans towards closing tokens (``"``, ``}``, ``]``, ``<|end|>``,
 ``<|return|>``) and away from whitespace-only tokens so that rows finish within a
 few hundred steps; each row gets its own bias strength so some rows wander.
@@ -17,15 +18,16 @@ import numpy as np
 import torch
 from openai_harmony import Role
 
-from ossbatch.pipeline import constrain as C
+from ossbatch.pipeline.harmony import END, MESSAGE, RETURN, TOKENIZER_VOCAB_SIZE, harmony_encoding, o200k_harmony_definition
+from ossbatch.pipeline.masks import BatchConstraint
 
-V = C.TOKENIZER_VOCAB_SIZE
+V = TOKENIZER_VOCAB_SIZE
 
 
 @lru_cache(maxsize=1)
 def token_classes() -> tuple[np.ndarray, np.ndarray]:
     """(closer, blank): boolean arrays over the vocabulary."""
-    ranks = C._o200k_harmony_definition()["mergeable_ranks"]
+    ranks = o200k_harmony_definition()["mergeable_ranks"]
     closer = np.zeros(V, dtype=bool)
     blank = np.zeros(V, dtype=bool)
     for b, r in ranks.items():
@@ -41,8 +43,8 @@ def make_bias(strength: float, end_bias: float) -> torch.Tensor:
     bias = torch.zeros(V)
     bias[torch.from_numpy(closer)] = strength
     bias[torch.from_numpy(blank)] = -strength
-    bias[C.RETURN] = strength + 2.0
-    bias[C.END] = end_bias
+    bias[RETURN] = strength + 2.0
+    bias[END] = end_bias
     return bias
 
 
@@ -59,10 +61,7 @@ def run_random(
     steps: int = 300,
     strengths: list[float] | None = None,
     end_biases: list[float] | None = None,
-    vocab: int = V,
-    greedy_noise: float = 1.0,
-    constraint: C.BatchConstraint | None = None,
-) -> tuple[list[RowResult], C.BatchConstraint]:
+) -> tuple[list[RowResult], BatchConstraint]:
     """Generate for every row until it samples ``<|return|>`` or ``steps`` run out.
 
     Runs torch single-threaded: on a 2-core machine torch's intra-op thread pool
@@ -71,12 +70,12 @@ def run_random(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(grammars, seed, steps, strengths, end_biases, vocab, greedy_noise, constraint)
+        return _run(grammars, seed, steps, strengths, end_biases)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(grammars, seed, steps, strengths, end_biases, vocab, greedy_noise, constraint):
+def _run(grammars, seed, steps, strengths, end_biases):
     b = len(grammars)
     gen = torch.Generator().manual_seed(seed)
     if strengths is None:
@@ -84,30 +83,25 @@ def _run(grammars, seed, steps, strengths, end_biases, vocab, greedy_noise, cons
     if end_biases is None:
         end_biases = [s + 4.5 for s in strengths]
     biases = torch.stack([make_bias(s, e) for s, e in zip(strengths, end_biases)])
-    if vocab > V:
-        biases = torch.cat([biases, torch.zeros(b, vocab - V)], dim=1)
-    bc = constraint or C.BatchConstraint(grammars, vocab)
+    bc = BatchConstraint(grammars, V)
     results = [RowResult() for _ in range(b)]
-    active = torch.ones(b, dtype=torch.bool)
-    logits = torch.zeros(b, vocab)
+    rows = list(range(b))
+    logits = torch.zeros(b, V)
     for _ in range(steps):
-        rows = active.nonzero().squeeze(1).tolist()
         if not rows:
             break
-        bc.prepare()
-        for i in rows:  # per-row views: index_select/index_copy_ of [n, V] are slow on CPU
-            logits[i].normal_(generator=gen).mul_(greedy_noise).add_(biases[i])
-        bc.apply(logits)
-        tokens = torch.zeros(b, dtype=torch.long)
-        for i in rows:
-            tokens[i] = logits[i].argmax()
-        bc.advance(tokens, active)
-        for i in rows:
-            t = int(tokens[i])
+        bc.prepare(rows)
+        step = logits[: len(rows)]
+        for k, i in enumerate(rows):  # per-row views: index_select/index_copy_ of [n, V] are slow on CPU
+            step[k].normal_(generator=gen).add_(biases[i])
+        bc.apply(step, rows)
+        tokens = [int(step[k].argmax()) for k in range(len(rows))]
+        bc.advance(tokens, rows)
+        for i, t in zip(rows, tokens):
             results[i].tokens.append(t)
-            if t == C.RETURN:
+            if t == RETURN:
                 results[i].finished = True
-                active[i] = False
+        rows = [i for i in rows if not results[i].finished]
     return results, bc
 
 
@@ -121,19 +115,19 @@ class Parsed:
 
 def parse_completion(tokens: list[int]) -> Parsed:
     """Split a finished completion with openai_harmony's parser and by token ids."""
-    enc = C.harmony_encoding()
+    enc = harmony_encoding()
     messages = enc.parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
     finals = [m for m in messages if m.channel == "final"]
     assert len(finals) == 1, [m.channel for m in messages]
     assert all(m.channel in ("analysis", "final") for m in messages), [m.channel for m in messages]
     assert len(messages) <= 2
     # token-level: content of the analysis message and of the final message
-    msg_starts = [i for i, t in enumerate(tokens) if t == C.MESSAGE]
+    msg_starts = [i for i, t in enumerate(tokens) if t == MESSAGE]
     analysis = None
     if messages[0].channel == "analysis":
-        end = tokens.index(C.END)
+        end = tokens.index(END)
         analysis = tokens[msg_starts[0] + 1 : end]
     final_tokens = tokens[msg_starts[-1] + 1 : len(tokens) - 1]
-    assert tokens[-1] == C.RETURN
+    assert tokens[-1] == RETURN
     final_text = "".join(c.text for c in finals[0].content)
     return Parsed(analysis, final_text, final_tokens, messages)

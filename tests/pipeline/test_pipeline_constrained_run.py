@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ossbatch.flows.cli import main
-from ossbatch.pipeline.render import harmony_encoding
+from ossbatch.pipeline.harmony import harmony_encoding
 
 LABEL = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
          "required": ["label"], "additionalProperties": False}
@@ -80,3 +80,21 @@ def test_constrained_rows_in_refilled_slots_match_a_wide_batch(tiny_model_dir, t
         assert narrow[rid]["output_token_ids"] == row["output_token_ids"], rid
         assert narrow[rid]["status"] == row["status"] and narrow[rid]["schema_valid"] == row["schema_valid"]
     assert all(r["schema_valid"] for r in narrow.values() if r["status"] == "ok" and r["id"].startswith(("label", "extract")))
+
+
+def test_schema_rows_count_tokens_as_harmony_parses_them(tiny_model_dir, tmp_path):
+    """The tiny model once spelled `final` as `f` + `inal` under a schema (reasoning 27, output 0 with
+    a valid answer): headers are now harmony's own tokens and the counts harmony's split."""
+    rows = [{"id": f"label-{i}", "prompt": f"Review {i}: fine", "schema": LABEL} for i in range(4)]
+    results = _run(tiny_model_dir, tmp_path, rows)
+    enc = harmony_encoding()
+    channel, message = enc.encode("<|channel|><|message|>", allowed_special="all")
+    names = {enc.encode("analysis")[0], enc.encode("final")[0]}
+    for row in results.values():
+        tokens = row["output_token_ids"]
+        assert all(tokens[i + 1] in names and tokens[i + 2] == message for i, t in enumerate(tokens) if t == channel)
+        assert row["reasoning_tokens"] + row["output_tokens"] == row["completion_tokens"] == len(tokens)
+        if row["status"] == "ok":
+            final = tokens[len(tokens) - row["output_tokens"]:]
+            assert final[:2] == [channel, enc.encode("final")[0]] and row["output_tokens"] > 3
+            assert enc.decode(final[3:-1]) == row["output_text"]

@@ -147,3 +147,44 @@ def test_two_kv_slots_refilled_give_every_row_what_a_wide_batch_gives(tiny_model
         assert max(abs(a - b) for a, b in zip(narrow[rid]["output_logprobs"], row["output_logprobs"])) < 1e-4
     manifest = json.loads((tmp_path / "narrow" / "manifest.json").read_text())
     assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in narrow.values())
+
+
+def test_a_nan_temperature_is_refused_in_one_line_naming_the_flag(tmp_path, capsys):
+    inp = _write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
+    assert main(["run", "--model", str(tmp_path / "m"), "--input", str(inp), "--output", str(tmp_path / "out"),
+                 "--orchestrator", "none", "--temperature", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ossbatch run: --temperature: ") and "finite" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_storage_options_are_named(tmp_path, capsys):
+    for text, words in (("{anon", "is not valid JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit):
+            main(["run", "--model", "m", "--input", "i", "--output", "o", "--storage-options", text])
+        assert f"--storage-options {words}" in capsys.readouterr().err
+
+
+def test_an_internal_error_is_not_disguised_as_bad_input(tiny_model_dir, tmp_path, monkeypatch):
+    import ossbatch.pipeline.driver
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in ossbatch, not in the user's input")
+
+    monkeypatch.setattr(ossbatch.pipeline.driver, "run_job", broken)
+    with pytest.raises(ValueError, match="a bug in ossbatch"):
+        _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS[:1]), tmp_path / "out")
+
+
+def test_two_runs_in_one_process_changing_only_temperature_load_the_model_once(tiny_model_dir, tmp_path, monkeypatch):
+    from ossbatch.pipeline.infer import load_engine
+
+    loads = []
+    real = Transformer.from_checkpoint
+    monkeypatch.setattr(Transformer, "from_checkpoint", staticmethod(lambda *a, **k: loads.append(a[0]) or real(*a, **k)))
+    load_engine.cache_clear()
+    inp = _write_jsonl(tmp_path / "in.jsonl", ROWS[:2])
+    _run(tiny_model_dir, inp, tmp_path / "cold", "--temperature", "0")
+    _run(tiny_model_dir, inp, tmp_path / "warm", "--temperature", "0.9", "--seed", "4")
+    assert loads == [str(tiny_model_dir)]
+    load_engine.cache_clear()

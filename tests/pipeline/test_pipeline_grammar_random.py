@@ -1,4 +1,4 @@
-"""Random logits through BatchConstraint: every finished row is a well-formed harmony completion
+"""Random logits through the grammar (BatchConstraint, as the engine drives it): every finished row is a well-formed harmony completion
 whose final answer is JSON valid under its schema, and reasoning stops at its budget."""
 
 import json
@@ -6,8 +6,12 @@ import json
 import jsonschema
 import pytest
 
-from ossbatch.pipeline import constrain as C
-from structured_driver import parse_completion, run_random
+from constraint_driver import parse_completion, run_random
+
+from ossbatch.pipeline.answer import validate_answer
+from ossbatch.pipeline.grammar import compile_row_grammar
+from ossbatch.pipeline.harmony import CHANNEL, MESSAGE, START, harmony_encoding
+from ossbatch.pipeline.parse import parse_completion as parse_row
 
 # Realistic labeling / extraction schemas: enum labels, required fields, arrays, nesting,
 # ranged numbers, nullable fields, $defs/$ref, patterns, formats, a discriminated union.
@@ -94,7 +98,7 @@ def _check_rows(names, schemas, results, bc, *, lenient_ok=False):
         assert all(t < 199998 for t in parsed.final_tokens), "special token inside the answer"
         if parsed.analysis is not None:
             assert all(t < 199998 for t in parsed.analysis), "special token inside the analysis"
-        output_json, valid = C.validate_answer(parsed.final_text, json.dumps(schemas[name]))
+        output_json, valid = validate_answer(parsed.final_text, json.dumps(schemas[name]))
         assert output_json is not None, (name, parsed.final_text)
         value = json.loads(parsed.final_text)
         truth = jsonschema.Draft202012Validator(schemas[name]).is_valid(value)
@@ -109,7 +113,7 @@ def test_realistic_schemas_random_logits():
     <|end|>, so their analysis often runs into the cap and is closed by the grammar."""
     names = [n for n in REALISTIC for _ in range(ROWS_PER_SCHEMA)]
     budgets = [(None, 12, 40)[k % 3] for k in range(len(names))]
-    grammars = [C.compile_row_grammar(json.dumps(REALISTIC[n]), b) for n, b in zip(names, budgets)]
+    grammars = [compile_row_grammar(json.dumps(REALISTIC[n]), b) for n, b in zip(names, budgets)]
     assert not any(g.lenient for g in grammars), [(n, g.strict_error) for n, g in zip(names, grammars) if g.lenient]
     strengths = [(1.0, 2.0, 3.0, 4.0)[k % 4] for k in range(len(names))]
     end_biases = [s + (4.5 if b is None else 2.0) for s, b in zip(strengths, budgets)]
@@ -117,9 +121,10 @@ def test_realistic_schemas_random_logits():
     grammars = [x for g in grammars for x in (g, None)][:-1]
     strengths = [x for v in strengths for x in (v, 2.0)][:-1]
     end_biases = [x for v in end_biases for x in (v, 2.0)][:-1]
-    results, bc = run_random(grammars, seed=1234, steps=300, strengths=strengths, end_biases=end_biases)
+    # seed 1: with the channel names forced as single tokens the random walks changed (seed 1234 now
+    # reaches the cap in 2 rows, seeds 1, 2, 3 in 5, 3, 3)
+    results, bc = run_random(grammars, seed=1, steps=300, strengths=strengths, end_biases=end_biases)
     errors = bc.errors()
-    bc.close()
     keep = [k for k, g in enumerate(grammars) if g is not None]
     assert all(errors[k] is None for k in range(len(grammars)) if grammars[k] is None)
 
@@ -141,11 +146,10 @@ def test_realistic_schemas_random_logits():
 
 def test_lenient_schemas_random_logits():
     names = [n for n in LENIENT for _ in range(4)]
-    grammars = [C.compile_row_grammar(json.dumps(LENIENT[n]), None) for n in names]
+    grammars = [compile_row_grammar(json.dumps(LENIENT[n]), None) for n in names]
     assert all(g.lenient for g in grammars)
     results, bc = run_random(grammars, seed=99, steps=300)
     finished = _check_rows(names, LENIENT, results, bc, lenient_ok=True)
-    bc.close()
     assert set(finished) == set(LENIENT)
 
 
@@ -153,7 +157,7 @@ def test_lenient_schemas_random_logits():
 def test_reasoning_budget_closes_analysis(budget):
     """END is pushed far down (finite), so the analysis runs until the grammar forces it closed."""
     schema = REALISTIC["sentiment"]
-    g = C.compile_row_grammar(json.dumps(schema), budget)
+    g = compile_row_grammar(json.dumps(schema), budget)
     grammars = [g] * 4
     results, bc = run_random(grammars, seed=budget, steps=200, strengths=[3.0] * 4, end_biases=[-30.0] * 4)
     assert bc.errors() == [None] * 4
@@ -163,13 +167,12 @@ def test_reasoning_budget_closes_analysis(budget):
         if parsed.analysis is not None:
             assert len(parsed.analysis) == budget, (len(parsed.analysis), budget)
         else:
-            assert res.tokens[1] != C.harmony_encoding().encode("analysis")[0]
+            assert res.tokens[1] != harmony_encoding().encode("analysis")[0]
         assert json.loads(parsed.final_text)["label"] in {"positive", "negative", "neutral"}
-    bc.close()
 
 
 def test_reasoning_budget_without_schema_free_final():
-    g = C.compile_row_grammar(None, 8)
+    g = compile_row_grammar(None, 8)
     assert g.schema_text is None and "%json" not in g.lark
     n = 6
     results, bc = run_random([g] * n, seed=5, steps=120, strengths=[1.0] * n, end_biases=[-30.0] * n)
@@ -180,17 +183,44 @@ def test_reasoning_budget_without_schema_free_final():
         parsed = parse_completion(res.tokens)
         assert parsed.analysis is None or len(parsed.analysis) == 8
         assert all(t < 199998 for t in parsed.final_tokens)
-        assert C.validate_answer(parsed.final_text, None)[1] is None
-    bc.close()
+        assert validate_answer(parsed.final_text, None)[1] is None
 
 
 def test_same_logits_same_tokens():
     """Decoding under the mask is deterministic: the same random logits give the same completions."""
-    grammars = [C.compile_row_grammar(json.dumps(REALISTIC[n]), 12) for n in ("invoice", "entities_ref", "union")]
+    grammars = [compile_row_grammar(json.dumps(REALISTIC[n]), 12) for n in ("invoice", "entities_ref", "union")]
     a, bca = run_random(grammars, seed=7, steps=150)
     b, bcb = run_random(grammars, seed=7, steps=150)
     assert [r.tokens for r in a] == [r.tokens for r in b]
     c, bcc = run_random(grammars, seed=8, steps=150)
     assert [r.tokens for r in a] != [r.tokens for r in c]
-    for bc in (bca, bcb, bcc):
-        bc.close()
+
+
+def test_headers_are_single_tokens_and_counts_match_harmony():
+    """Many rows, random logits: every header is harmony's own tokens (`<|channel|>`, one token of
+    `analysis`/`final`, `<|message|>`; `<|start|>`, the one token of `assistant`), and the pipeline's
+    reasoning/output counts are harmony's split of the tokens."""
+    enc = harmony_encoding()
+    (analysis,), (final,), (assistant,) = enc.encode("analysis"), enc.encode("final"), enc.encode("assistant")
+    names = [n for n in REALISTIC for _ in range(4)]
+    grammars = [compile_row_grammar(json.dumps(REALISTIC[n]), (None, 0, 3, 20)[k % 4]) for k, n in enumerate(names)]
+    grammars += [compile_row_grammar(None, budget) for budget in (0, 2, 5, 9) for _ in range(4)]
+    results, bc = run_random(grammars, seed=2026, steps=200)
+    assert bc.errors() == [None] * len(grammars)
+    finished = 0
+    for res in results:
+        tokens = res.tokens
+        for i, t in enumerate(tokens):
+            if t == CHANNEL:
+                assert tokens[i + 1] in (analysis, final) and tokens[i + 2] == MESSAGE, enc.decode(tokens[i:i + 4])
+            if t == START:
+                assert tokens[i + 1] == assistant and tokens[i + 2] == CHANNEL, enc.decode(tokens[i:i + 4])
+        if not res.finished:
+            continue
+        finished += 1
+        harmony = parse_completion(tokens)  # harmony's parser, and the answer's tokens by id
+        row = parse_row(tokens, "stop")
+        assert (row.status, row.output_text) == ("ok", harmony.final_text)
+        assert row.output_tokens == len(harmony.final_tokens) + 4  # <|channel|> final <|message|> ... <|return|>
+        assert row.reasoning_tokens + row.output_tokens == len(tokens)
+    assert finished >= 0.8 * len(grammars), finished

@@ -8,8 +8,11 @@ import jsonschema
 import jsonschema.validators
 import pytest
 
-from ossbatch.pipeline import constrain as C
-from structured_driver import parse_completion, run_random
+from constraint_driver import parse_completion, run_random
+
+from ossbatch.pipeline.answer import offline_registry, validate_answer
+from ossbatch.pipeline.grammar import compile_row_grammar
+from ossbatch.pipeline.response_format import SchemaRefused
 
 CASES = json.loads((Path(__file__).parent / "data" / "jsts_draft2020-12.json").read_text())
 # Cases whose schemas live on a server (localhost:1234 in the suite): never fetched, so refused.
@@ -22,8 +25,8 @@ def compiled():
     for case in CASES:
         text = json.dumps(case["schema"])
         try:
-            out.append((case, text, C.compile_row_grammar(text, None), None))
-        except C.SchemaRefused as e:
+            out.append((case, text, compile_row_grammar(text, None), None))
+        except SchemaRefused as e:
             out.append((case, text, None, str(e)))
     return out
 
@@ -57,7 +60,7 @@ def _needs_retrieval(schema, data) -> bool:
 
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
-        cls(schema, registry=C._offline_registry()).is_valid(data)
+        cls(schema, registry=offline_registry()).is_valid(data)
     except referencing.exceptions.Unresolvable:
         return True
     return False
@@ -72,7 +75,7 @@ def test_validate_answer_agrees_with_the_suite(no_network):
             continue  # the verdict hinges on a metaschema only the suite's server has
         text = json.dumps(case["schema"])
         for data, valid in case["tests"]:
-            output_json, schema_valid = C.validate_answer(json.dumps(data), text)
+            output_json, schema_valid = validate_answer(json.dumps(data), text)
             assert output_json == json.dumps(data, separators=(",", ":"), ensure_ascii=False)
             if _needs_retrieval(case["schema"], data):
                 assert schema_valid is False  # never fetched, never called valid
@@ -92,7 +95,6 @@ def test_random_generation_over_the_suite(compiled):
         chunk = rows[start:start + 64]
         results, bc = run_random([g for _, _, g in chunk], seed=start, steps=150)
         errors = bc.errors()
-        bc.close()
         for (case, text, g), res, err in zip(chunk, results, errors):
             where = (case["file"], case["description"])
             assert err is None, (where, err)
@@ -101,7 +103,7 @@ def test_random_generation_over_the_suite(compiled):
                 continue
             parsed = parse_completion(res.tokens)
             assert all(t < 199998 for t in parsed.final_tokens), where
-            output_json, valid = C.validate_answer(parsed.final_text, text)
+            output_json, valid = validate_answer(parsed.final_text, text)
             assert output_json is not None, (where, parsed.final_text)
             if g.lenient:
                 stats["lenient valid" if valid else "lenient invalid"] += 1

@@ -1,0 +1,172 @@
+"""One run at a time per output: a lease in the output's work directory.
+
+A lease is a numbered file, ``_lease-000007.json``; the highest number is the current one.
+Taking a lease creates the next number *exclusively* (``O_EXCL`` locally, a conditional
+put ``If-None-Match: *`` on S3 through s3fs's mode "x"), so of two runs racing for an
+output exactly one wins, on any store, with no lock server. The holder renews its file
+while it works; a killed run stops renewing and its lease lapses after ``ttl`` seconds, so
+a re-run takes over without anyone deleting anything by hand. A holder checks it still
+holds the lease before each commit, so a run that stalled past its expiry and lost the
+output to another run stops instead of writing into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from ossbatch.pipeline.storage import InputError, join, list_names, read_json, remove
+
+LEASE_RE = re.compile(r"_lease-(\d{6})\.json")
+DEFAULT_TTL_SECONDS = 120.0
+
+
+class LeaseHeld(InputError):
+    """Another live run holds the output."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease lapsed and another run took the output over."""
+
+
+@dataclass
+class Holder:
+    host: str
+    pid: int
+    started_at: float
+    expires_at: float
+    token: str
+    released: bool = False
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
+        return f"{self.host} pid {self.pid}, started {started}"
+
+
+def lease_name(generation: int) -> str:
+    return f"_lease-{generation:06d}.json"
+
+
+def is_lease_file(name: str) -> bool:
+    return bool(LEASE_RE.fullmatch(name))
+
+
+def _generations(fs, work: str) -> list[int]:
+    return sorted(int(m.group(1)) for name in list_names(fs, work) if (m := LEASE_RE.fullmatch(name)))
+
+
+def current_holder(fs, work: str, now: float | None = None) -> Holder | None:
+    """The live holder of ``work``, or None when the output is free (no lease, released, or lapsed)."""
+    generations = _generations(fs, work)
+    if not generations:
+        return None
+    try:
+        holder = Holder(**read_json(fs, join(work, lease_name(generations[-1]))))
+    except FileNotFoundError:
+        return None
+    now = time.time() if now is None else now
+    return None if holder.released or holder.expires_at <= now else holder
+
+
+def _create_exclusive(fs, path: str, data: bytes) -> bool:
+    """True when this call created ``path``; False when it already existed."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    except OSError as err:  # s3fs: a failed If-None-Match is "412 Precondition Failed"
+        if "PreconditionFailed" in str(err) or "412" in str(err):
+            return False
+        raise
+    return True
+
+
+class Lease:
+    """A held lease; renew it at least every ``ttl`` seconds (``keep_alive`` does it in a thread)."""
+
+    def __init__(self, fs, work: str, generation: int, holder: Holder, ttl: float):
+        self.fs, self.work, self.generation, self.holder, self.ttl = fs, work, generation, holder, ttl
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> str:
+        return join(self.work, lease_name(self.generation))
+
+    def _write(self) -> None:
+        with self.fs.open(self.path, "wb") as f:
+            f.write(json.dumps(asdict(self.holder)).encode())
+
+    def check(self) -> None:
+        """Raises LeaseLost unless this lease is still the output's current one."""
+        generations = _generations(self.fs, self.work)
+        if not generations or generations[-1] != self.generation:
+            raise LeaseLost(f"{self.work}: this run's lease lapsed and another run took the output over; "
+                            "stopping without writing")
+
+    def renew(self) -> None:
+        self.check()
+        self.holder.expires_at = time.time() + self.ttl
+        self._write()
+
+    def keep_alive(self) -> Lease:
+        """Renews every ttl/4 seconds in a daemon thread until ``release``."""
+
+        def loop():
+            while not self._stop.wait(self.ttl / 4):
+                try:
+                    self.renew()
+                except (LeaseLost, OSError):
+                    return  # the next check() before a commit reports it
+
+        self._thread = threading.Thread(target=loop, name="ossbatch-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.check()
+        except LeaseLost:
+            return
+        self.holder.released = True
+        self._write()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def acquire(fs, work: str, ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None) -> Lease:
+    """Takes the output's lease, or raises LeaseHeld naming the live holder and how to take over."""
+    fs.makedirs(work, exist_ok=True)
+    for _ in range(8):  # another run may take the next number between our listing and our create
+        generations = _generations(fs, work)
+        live = current_holder(fs, work, now)
+        if live is not None:
+            raise LeaseHeld(
+                f"{work} is in use by another run ({live.describe()}); its lease expires in "
+                f"{max(0, live.expires_at - time.time()):.0f} s unless renewed. Wait for it to finish, or stop it "
+                "and re-run once its lease lapses (a killed run's lease lapses by itself)")
+        generation = (generations[-1] if generations else 0) + 1
+        started = time.time()
+        holder = Holder(socket.gethostname(), os.getpid(), started, started + ttl, uuid.uuid4().hex)
+        if _create_exclusive(fs, join(work, lease_name(generation)), json.dumps(asdict(holder)).encode()):
+            for old in generations:  # dead leases of earlier runs: nobody reads them again
+                try:
+                    remove(fs, join(work, lease_name(old)))
+                except FileNotFoundError:
+                    pass
+            return Lease(fs, work, generation, holder, ttl)
+    raise LeaseHeld(f"{work}: other runs keep taking the output's lease; is a run in a loop?")
