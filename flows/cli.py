@@ -222,6 +222,8 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=_default(pipeline, "shard_rows"))
     p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=_default(pipeline, "batch_tokens"))
     p.add_argument("--max-batch-rows", type=_positive_int("--max-batch-rows"), default=_default(pipeline, "max_batch_rows"))
+    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                   help="prefill and store every row's whole prompt, even where rows share a prefix (for comparison)")
     p.add_argument("--storage-options", dest="storage", type=_storage_flag, default=LOCAL,
                    help="fsspec options as JSON, flat or keyed by protocol ({\"s3\": {...}}); never written to the output")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by a different job")
