@@ -49,3 +49,19 @@ def test_no_prefix_sharing_flag():
     base = ["run", "--model", "m", "--input", "i", "--output", "o"]
     assert JobOptions.from_flags(vars(parser.parse_args(base))).prefix_sharing is True
     assert JobOptions.from_flags(vars(parser.parse_args(base + ["--no-prefix-sharing"]))).prefix_sharing is False
+
+
+def test_n_samples_run_as_n_rows_over_one_shared_prompt(tiny_model_dir):
+    """What `ossbatch synth --n 4` sends: each prompt four times, each copy its own seed."""
+    requests = [{"id": f"p{p}#{k}", "messages": [{"role": "user", "content": f"write about topic {p} " * 20}], "seed": 100 * p + k}
+                for p in range(2) for k in range(4)]
+    out = {}
+    for sharing in (False, True):
+        job = Job(model=str(tiny_model_dir), inputs=["unused"], output="unused",
+                  options=JobOptions(temperature=1.0, max_tokens=4, keep_token_ids=True, logprobs=True, prefix_sharing=sharing))
+        out[sharing], _ = ShardInferencer(job)(requests)
+    for a, b in zip(out[False], out[True]):
+        assert a["output_token_ids"] == b["output_token_ids"], a["id"]
+        assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"])) <= 1e-5, a["id"]
+        assert b["cached_prompt_tokens"] == b["prompt_tokens"] - 1  # all but the last prompt token, computed once
+    assert len({tuple(r["output_token_ids"]) for r in out[True]}) > 2  # the copies really sample apart
