@@ -104,3 +104,14 @@ def test_shared_prefix_is_stored_once_and_more_rows_fit():
 def test_shared_prefix_is_checked():
     with pytest.raises(ValueError, match="--shared-prefix-tokens"):
         plan_memory(GPT_OSS_120B, 80 * GIB, 2048, shared_prefix_tokens=2048)
+
+
+def test_plan_command_counts_a_shared_prefix(tiny_model_dir, capsys):
+    from ossbatch.flows.cli import main
+
+    assert main(["plan", "--model", str(tiny_model_dir), "--gpu-memory", "1GiB", "--max-context", "512",
+                 "--shared-prefix-tokens", "400"]) == 0
+    text = capsys.readouterr().out
+    assert "shared prefix of 400 tokens, stored once" in text and "without prefix sharing" in text
+    with pytest.raises(SystemExit, match="--shared-prefix-tokens"):
+        main(["plan", "--model", str(tiny_model_dir), "--max-context", "512", "--shared-prefix-tokens", "512"])
