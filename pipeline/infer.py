@@ -89,7 +89,7 @@ class ShardInferencer:
                 results[i] = _error_row(request, str(err))
 
         stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0, "prompt_computed": 0,
-                 "kv_bytes_saved": 0}
+                 "kv_bytes_saved": 0, "kv_cache_bytes": 0}
         budgets = [p.params.max_tokens for p in prepared]
         # Rows whose prompts share a prefix are bucketed together; a row's KV holds its own tokens only.
         buckets = pack_batches_by_prefix([p.prompt for p in prepared], budgets, self.batch_tokens, self.max_batch_rows,
@@ -124,6 +124,7 @@ class ShardInferencer:
             stats["decode_slots"] += gen.decode_slots
             stats["prompt_computed"] += gen.prompt_computed
             stats["kv_bytes_saved"] += gen.kv_bytes_saved
+            stats["kv_cache_bytes"] = max(stats["kv_cache_bytes"], gen.kv_cache_bytes)  # runs hold theirs one at a time
             stats["batches"] += 1
             errors = constraint.errors() if constraint is not None else [None] * len(rows)
             # Parsing in a thread behind the engine measured no faster on 2 cores: openai-harmony
