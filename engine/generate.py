@@ -154,7 +154,7 @@ class Forward:
         for slots, prompts, prefix_ids in chunks:
             offsets = [len(self.prefixes[p]) if p >= 0 else 0 for p in prefix_ids]
             if self.prefixes:
-                self._prefill_prefixes(sorted({p for p in prefix_ids if p >= 0 and not self.prefix_ready[p]}))
+                padded += self._prefill_prefixes(sorted({p for p in prefix_ids if p >= 0 and not self.prefix_ready[p]}))
                 self.prefix_len[slots] = torch.tensor(offsets, dtype=torch.int64)
                 self.prefix_of[slots] = torch.tensor(prefix_ids, dtype=torch.int64)
             own = [p[n:] for p, n in zip(prompts, offsets)]
@@ -169,10 +169,11 @@ class Forward:
             done += len(prompts)
         return padded
 
-    def _prefill_prefixes(self, ids: list[int]) -> None:
-        """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read."""
+    def _prefill_prefixes(self, ids: list[int]) -> int:
+        """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read.
+        Returns the padded prompt slots."""
         if not ids:
-            return
+            return 0
         prompts = [self.prefixes[p] for p in ids]
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
@@ -184,6 +185,7 @@ class Forward:
         self.computed += int(lengths.sum())
         for p in ids:
             self.prefix_ready[p] = True
+        return len(ids) * int(lengths.max())
 
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, first: int) -> None:
         """One token for each of `slots` (sorted); logits into rows first.. of the buffer."""

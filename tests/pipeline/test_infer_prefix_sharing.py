@@ -65,3 +65,23 @@ def test_n_samples_run_as_n_rows_over_one_shared_prompt(tiny_model_dir):
         assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"])) <= 1e-5, a["id"]
         assert b["cached_prompt_tokens"] == b["prompt_tokens"] - 1  # all but the last prompt token, computed once
     assert len({tuple(r["output_token_ids"]) for r in out[True]}) > 2  # the copies really sample apart
+
+
+def test_manifest_counts_what_sharing_saved(tiny_model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from ossbatch.pipeline.driver import job_spec, run_job
+    from ossbatch.pipeline.inspect import format_manifest
+    from pipeline_fakes import write_jsonl
+
+    rows = [{"id": f"q{i}", "prompt": f"question {i}", "instructions": DEVELOPER} for i in range(5)]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = Job(model=str(tiny_model_dir), inputs=[inputs], output=str(tmp_path / "out"),
+              options=JobOptions(temperature=0.0, max_tokens=3))
+    manifest = run_job(job_spec(job), ShardInferencer(job))
+    tokens = manifest["tokens"]
+    cached = pq.read_table(tmp_path / "out" / "part-00000.parquet").column("cached_prompt_tokens").to_pylist()
+    assert tokens["cached_prompt"] == sum(cached) > 0 and len(set(cached)) == 1
+    assert tokens["prompt_computed"] == tokens["prompt"] - 4 * cached[0]  # the prefix computed once for five rows
+    assert tokens["kv_bytes_saved"] > 0
+    assert f"prompt computed {tokens['prompt_computed']:,}" in format_manifest(str(tmp_path / "out"))
