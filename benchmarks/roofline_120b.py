@@ -82,6 +82,39 @@ def refill(mix, batch: int, cache: dict) -> float:
     return outputs / (decode + prefill_seconds(sum(p for p, _ in mix)))
 
 
+def shared_prefix_case(prefix: int = 1500, item: int = 300, output: int = 500, gpu_bytes: int = 80 * 10**9) -> list[str]:
+    """Issue 11's labeling job on paper: rows behind one `prefix`-token developer message, each with an
+    `item`-token item and `output` generated tokens. Rows that fit come from engine/memory_plan.py
+    (windowed layers as the engine stores them, by position, and as a ring buffer would); every slot
+    is kept full by refill. Without sharing, each row prefills and holds the prefix and each decode
+    step reads every row's copy; with it, the prefix is prefilled once, held once and read once a step
+    (cascade attention), its KV bytes added to the step's roofline."""
+    from ossbatch.engine.memory_plan import plan_memory
+
+    cache: dict = {}
+    context = prefix + item + output
+    kv_token = 2 * GPT_OSS_120B.num_key_value_heads * GPT_OSS_120B.head_dim * 2
+    full = sum(1 for layer in range(GPT_OSS_120B.num_hidden_layers) if not GPT_OSS_120B.window(layer))
+    lines = [f"shared prefix: {prefix}-token developer message, {item}-token items, {output} output tokens, "
+             f"{gpu_bytes / 1e9:.0f} GB H100; refill keeps every slot full"]
+    lines.append(f"{'windowed layers':>15} | {'prefixes':>10} | {'rows fit':>8} | {'step ms':>7} | {'output tok/s':>12} | {'vs vLLM':>7}")
+    for ring in (False, True):
+        plan = plan_memory(GPT_OSS_120B, gpu_bytes, context, ring_buffer_windowed_layers=ring, shared_prefix_tokens=prefix)
+        for shared in (False, True):
+            rows = plan.max_batch if shared else plan.max_batch_unshared
+            if shared:  # each row's own tokens, mid-answer; the prefix read once per step on the full layers
+                step = step_time(rows, item + output // 2, cache) + full * prefix * kv_token / kernel_bench.HBM_BYTES_PER_S
+                prefill = prefill_seconds(prefix) / rows + prefill_seconds(item)  # per row
+            else:
+                step = step_time(rows, prefix + item + output // 2, cache)
+                prefill = prefill_seconds(prefix + item)
+            per_row = prefill + output * step / rows
+            rate = output / per_row
+            lines.append(f"{'ring buffer' if ring else 'by position':>15} | {'shared' if shared else 'not shared':>10} | {rows:>8} | "
+                         f"{step * 1e3:>7.2f} | {rate:>12,.0f} | {rate / VLLM_OUTPUT_TOKENS_PER_S:>6.2f}x")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
@@ -95,6 +128,8 @@ def main():
     for batch in (32, 64, 128, 256):
         s, r = static_batches(mix, batch, cache), refill(mix, batch, cache)
         print(f"{batch:>5} | {s:>18,.0f} tok/s | {s / VLLM_OUTPUT_TOKENS_PER_S:>6.2f}x | {r:>9,.0f} tok/s | {r / VLLM_OUTPUT_TOKENS_PER_S:>6.2f}x")
+    print()
+    print("\n".join(shared_prefix_case()))
 
 
 if __name__ == "__main__":

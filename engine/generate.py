@@ -1,11 +1,22 @@
-"""The generation loop: prefill, then decode until every row stops on a stop
-token or reaches its max tokens.
+"""The generation loop, in steps (as gpt-fast separates prefill and decode):
+
+- `SlotScheduler`: which rows hold the KV cache's slots: admit waiting rows,
+  free a stopped row's slot, refill it;
+- `Forward.prefill`: the admitted rows' prompts, packed, a prefill group per
+  forward pass (a shared prefix once, before its first rows; then each row's
+  own suffix);
+- `Forward.decode`: one token for every row still generating;
+- `sample_and_stop`: masks, sampling, logprobs, and which rows stop.
 
 Rows that have stopped leave the batch (later forward passes compute only the
 rows still generating, counted in `decode_slots`), and with fewer KV-cache
 slots than rows their slots go to waiting rows. An optional constraint
 (structured outputs) masks each step's logits; its masks are computed while
 the model runs the forward pass.
+
+Rows named in a `SharedPrefix` begin with the same tokens: the prefix is
+prefilled once, its KV stored once (`kv_cache.PrefixKV`), and every decode step
+reads it once for all its rows (cascade attention, `engine.attend`).
 """
 
 import time
@@ -15,9 +26,10 @@ from typing import Protocol
 
 import torch
 
-from ossbatch.engine.kv_cache import KVCache
-from ossbatch.engine.model import Step, Transformer
+from ossbatch.engine.kv_cache import KVCache, PrefixKV
+from ossbatch.engine.model import Transformer
 from ossbatch.engine.sampling import sample
+from ossbatch.engine.step import Step
 
 
 @dataclass
@@ -33,11 +45,23 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens read from a shared prefix, not computed for this row
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows whose prompts begin with the same `length` tokens."""
+
+    rows: tuple[int, ...]
+    length: int
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_computed: int = 0  # prompt tokens run through the model (a shared prefix counts once)
+    kv_cache_bytes: int = 0  # the KV cache held: the slots and one copy of each shared prefix
+    kv_bytes_saved: int = 0  # what a cache without sharing would hold for these rows, less kv_cache_bytes
     padded_prompt_slots: int = 0  # B x longest prompt: what a padded prefill would hold
     decode_slots: int = 0  # rows x decode steps actually computed
     steps: int = 0
@@ -56,7 +80,9 @@ class TokenConstraint(Protocol):
 
 
 @dataclass
-class _Batch:
+class RowSettings:
+    """Every row's sampling settings, as tensors indexed by row."""
+
     params: list[SamplingParams]
     temperature: torch.Tensor = field(init=False)
     top_p: torch.Tensor = field(init=False)
@@ -70,6 +96,158 @@ class _Batch:
         self.max_tokens = torch.tensor([p.max_tokens for p in self.params], dtype=torch.int64)
 
 
+class SlotScheduler:
+    """Rows waiting for, and holding, the KV cache's slots.
+
+    Rows are admitted in `order` into the lowest free slots. While others
+    decode, rows wait until at least an eighth of the slots are free (or as
+    many as are still waiting), so each refill prefill is a batch, not a row.
+    """
+
+    def __init__(self, order: list[int], rows: int, slots: int):
+        self.waiting = deque(order)
+        self.free_slots = list(range(slots))
+        self.slot_of = torch.full((rows,), -1, dtype=torch.int64)
+        self.refill_at = 1 if slots == rows else max(1, slots // 8)
+
+    def admit(self, decoding: int) -> list[int]:
+        """Waiting rows that take free slots now, given how many rows are decoding."""
+        waiting, free = self.waiting, self.free_slots
+        if not waiting or not free or (decoding and len(free) < min(self.refill_at, len(waiting))):
+            return []
+        free.sort()
+        rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        for row in rows:
+            self.slot_of[row] = free.pop(0)
+        return rows
+
+    def free(self, rows: list[int]) -> None:
+        self.free_slots.extend(int(self.slot_of[row]) for row in rows)
+
+    def in_slot_order(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[torch.argsort(self.slot_of[rows])]  # Step.build wants sorted cache rows
+
+
+class Forward:
+    """The model over one KV cache of `slots` rows and the shared prefixes' store; each step's
+    logits land in one buffer (allocating [rows, V] afresh every step costs page faults),
+    admitted rows first."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int, prefixes: list[list[int]]):
+        self.model, self.slots, self.prefixes = model, slots, prefixes
+        self.cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
+        self.kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
+        self.logits = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
+        self.prefix_len = self.prefix_of = None  # per slot, once rows share prefixes: the prefix's length and id
+        if prefixes:
+            self.cache.prefix = PrefixKV(model.config, [len(p) for p in prefixes], model.dtype, model.device)
+            self.prefix_ready = [False] * len(prefixes)
+            self.prefix_len = torch.zeros(slots, dtype=torch.int64)
+            self.prefix_of = torch.full((slots,), -1, dtype=torch.int64)
+        self.computed = 0  # prompt tokens run through the model
+
+    def prefill(self, chunks: list[tuple[torch.Tensor, list[list[int]], list[int]]]) -> int:
+        """Each chunk (its rows' slots, their prompts, their prefix ids or -1) runs packed in one
+        forward pass, after the prefixes it needs; logits at each row's last prompt token.
+        Returns the padded prompt slots (rows x longest prompt computed)."""
+        done = padded = 0
+        for slots, prompts, prefix_ids in chunks:
+            offsets = [len(self.prefixes[p]) if p >= 0 else 0 for p in prefix_ids]
+            if self.prefixes:
+                padded += self._prefill_prefixes(sorted({p for p in prefix_ids if p >= 0 and not self.prefix_ready[p]}))
+                self.prefix_len[slots] = torch.tensor(offsets, dtype=torch.int64)
+                self.prefix_of[slots] = torch.tensor(prefix_ids, dtype=torch.int64)
+            own = [p[n:] for p, n in zip(prompts, offsets)]
+            lengths = torch.tensor([len(p) for p in own], dtype=torch.int64)
+            self.kv_len[slots] = lengths
+            tokens = torch.tensor([t for p in own for t in p], dtype=torch.int64)
+            positions = torch.cat([torch.arange(n, n + len(p)) for p, n in zip(own, offsets)])
+            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
+            self.model.forward(tokens, step, self.cache, torch.cumsum(lengths, 0) - 1, out=self.logits[done : done + len(prompts)])
+            padded += len(prompts) * int(lengths.max())
+            self.computed += int(lengths.sum())
+            done += len(prompts)
+        return padded
+
+    def _prefill_prefixes(self, ids: list[int]) -> int:
+        """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read.
+        Returns the padded prompt slots."""
+        if not ids:
+            return 0
+        prompts = [self.prefixes[p] for p in ids]
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        step = Step.build(torch.repeat_interleave(torch.arange(len(ids)), lengths), positions, lengths, len(ids))
+        self.model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
+        self.cache.prefix.store(ids, scratch)
+        self.computed += int(lengths.sum())
+        for p in ids:
+            self.prefix_ready[p] = True
+        return len(ids) * int(lengths.max())
+
+    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, first: int) -> None:
+        """One token for each of `slots` (sorted); logits into rows first.. of the buffer."""
+        positions = self.kv_len[slots].clone()
+        if self.prefix_len is not None:
+            positions += self.prefix_len[slots]
+        self.kv_len[slots] += 1
+        step = Step.build(slots, positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
+        self.model.forward(tokens, step, self.cache, torch.arange(slots.numel()), out=self.logits[first : first + slots.numel()])
+
+
+class Outputs:
+    """What each row has generated so far, and why it finished."""
+
+    def __init__(self, rows: int, max_tokens: int, logprobs: bool):
+        self.tokens = torch.zeros(rows, max_tokens, dtype=torch.int64)
+        self.logprobs = torch.zeros(rows, max_tokens, dtype=torch.float32) if logprobs else None
+        self.count = torch.zeros(rows, dtype=torch.int64)
+        self.last_token = torch.zeros(rows, dtype=torch.int64)
+        self.finish = [""] * rows
+
+    def completions(self, cached_prompt_tokens: list[int]) -> list[Completion]:
+        return [
+            Completion(
+                token_ids=self.tokens[row, :n].tolist(),
+                finish_reason=self.finish[row],
+                logprobs=self.logprobs[row, :n].tolist() if self.logprobs is not None else None,
+                cached_prompt_tokens=cached_prompt_tokens[row],
+            )
+            for row, n in enumerate(self.count.tolist())
+        ]
+
+
+def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSettings, outputs: Outputs, stops: torch.Tensor,
+                    constraint: TokenConstraint | None, masked_buffer: torch.Tensor | None) -> torch.Tensor:
+    """Samples a token for each `live` row from its logits (masked by the constraint), records it
+    (with its logprob under the unmasked distribution) and returns which rows ended."""
+    raw = logits  # the model's distribution, before any mask
+    log_normalizer = torch.logsumexp(raw, dim=-1) if outputs.logprobs is not None else None
+    if constraint is not None:
+        logits = masked_buffer[: live.numel()].copy_(logits)
+        constraint.apply(logits, live.tolist())
+    count = outputs.count[live]
+    on_device = lambda t: t.to(logits.device)  # noqa: E731
+    next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
+                         on_device(settings.seeds[live]), on_device(count))
+    if outputs.logprobs is not None:
+        outputs.logprobs[live, count] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
+    next_tokens = next_tokens.cpu()
+    outputs.tokens[live, count] = next_tokens
+    outputs.last_token[live] = next_tokens
+    outputs.count[live] += 1
+    if constraint is not None:
+        constraint.advance(next_tokens, rows=live.tolist())
+
+    stopped = torch.isin(next_tokens, stops)
+    ended = stopped | (outputs.count[live] >= settings.max_tokens[live])
+    for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
+        outputs.finish[row] = "stop" if is_stop else "length"
+    return ended
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -80,6 +258,7 @@ def generate(
     logprobs: bool = False,
     prefill_groups: list[list[int]] | None = None,
     slots: int | None = None,
+    shared_prefixes: list[SharedPrefix] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -90,124 +269,84 @@ def generate(
     `slots` (default: one per row) is the number of KV-cache rows. With fewer
     slots than rows, rows are admitted in group order as slots free up: a row
     that stops hands its slot to the next waiting row, so the decode batch
-    stays full while rows finish at different lengths. Rows wait until at
-    least an eighth of the slots are free (or nothing else is decoding), so
-    each refill prefill is a batch, not a row.
+    stays full while rows finish at different lengths (see `SlotScheduler`).
+
+    `shared_prefixes` name rows whose prompts begin with the same tokens: each
+    prefix is prefilled once and stored once, and its rows compute only the
+    rest of their prompts. A prefix is used up to one token short of its
+    shortest row's prompt (a row's last prompt token gives its first logits).
     """
     started = time.perf_counter()
     batch = len(prompts)
     slots = batch if slots is None else slots
     if not 1 <= slots <= batch:
         raise ValueError(f"slots must be from 1 to the number of rows ({batch}), got {slots}")
-    settings = _Batch(params)
+    settings = RowSettings(params)
     prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     if bool((prompt_len == 0).any()) or bool((settings.max_tokens <= 0).any()):
         raise ValueError("every row needs a non-empty prompt and max_tokens >= 1")
-    max_len = int((prompt_len + settings.max_tokens).max())
-    model.ensure_positions(max_len)
-    cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
-    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
     groups = [sorted(g) for g in prefill_groups] if prefill_groups else [list(range(batch))]
     if sorted(row for g in groups for row in g) != list(range(batch)):
         raise ValueError("prefill_groups must partition the rows")
-    stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
     group_of = {row: n for n, g in enumerate(groups) for row in g}
-    waiting = deque(row for g in groups for row in g)
-    free_slots = list(range(slots))
-    slot_of = torch.full((batch,), -1, dtype=torch.int64)
-    kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
-    refill_at = 1 if slots == batch else max(1, slots // 8)
-    # Logits land in one buffer: allocating [rows, V] afresh every step costs page faults.
-    logits_buffer = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
-    masked_buffer = torch.empty_like(logits_buffer) if constraint is not None else None
+    prefixes, prefix_of = _shared_prefixes(shared_prefixes or [], prompts)
+    cached = [len(prefixes[p]) if p >= 0 else 0 for p in prefix_of]
 
-    def admit(decoding: int) -> list[int]:
-        """Waiting rows that take free slots now, in group order (lowest slots first)."""
-        if not waiting or not free_slots or (decoding and len(free_slots) < min(refill_at, len(waiting))):
-            return []
-        free_slots.sort()
-        rows = [waiting.popleft() for _ in range(min(len(free_slots), len(waiting)))]
-        for row in rows:
-            slot_of[row] = free_slots.pop(0)
-        return rows
-
-    def prefill(rows: list[int]) -> None:
-        """The admitted rows' prompts, packed, a group per forward pass; logits at each row's last token."""
-        done = 0
-        chunks: dict[int, list[int]] = {}
-        for row in rows:
-            chunks.setdefault(group_of[row], []).append(row)
-        for chunk in chunks.values():
-            lengths = prompt_len[chunk]
-            chunk_slots = slot_of[chunk]
-            kv_len[chunk_slots] = lengths
-            tokens = torch.tensor([t for row in chunk for t in prompts[row]], dtype=torch.int64)
-            positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-            step = Step.build(torch.repeat_interleave(chunk_slots, lengths), positions, kv_len, slots)
-            model.forward(tokens, step, cache, torch.cumsum(lengths, 0) - 1, out=logits_buffer[done : done + len(chunk)])
-            stats.padded_prompt_slots += len(chunk) * int(lengths.max())
-            done += len(chunk)
-
-    generated = torch.zeros(batch, int(settings.max_tokens.max()), dtype=torch.int64)
-    token_logprobs = torch.zeros(batch, generated.shape[1], dtype=torch.float32) if logprobs else None
-    count = torch.zeros(batch, dtype=torch.int64)
-    last_token = torch.zeros(batch, dtype=torch.int64)
-    finish = [""] * batch
+    unshared_len = int((prompt_len + settings.max_tokens).max())
+    model.ensure_positions(unshared_len)
+    forward = Forward(model, slots, int((prompt_len - torch.tensor(cached) + settings.max_tokens).max()), prefixes)
+    scheduler = SlotScheduler([row for g in groups for row in g], batch, slots)
+    outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs)
+    stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
+    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
+    masked_buffer = torch.empty_like(forward.logits) if constraint is not None else None
     decoding = torch.zeros(0, dtype=torch.int64)  # rows that decode this step, in slot order
 
     while True:
-        admitted = admit(decoding.numel())
+        admitted = scheduler.admit(decoding.numel())
         live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
         if constraint is not None:
             constraint.prepare(live.tolist())  # masks computed while the forward passes run
-        prefill(admitted)
+        chunks: dict[int, list[int]] = {}
+        for row in admitted:
+            chunks.setdefault(group_of[row], []).append(row)
+        stats.padded_prompt_slots += forward.prefill(
+            [(scheduler.slot_of[c], [prompts[r] for r in c], [prefix_of[r] for r in c]) for c in chunks.values()])
         if decoding.numel():
-            decode_slots = slot_of[decoding]
-            positions = kv_len[decode_slots].clone()
-            kv_len[decode_slots] += 1
-            n = len(admitted)
-            model.forward(last_token[decoding], Step.build(decode_slots, positions, kv_len, slots), cache,
-                          torch.arange(decoding.numel()), out=logits_buffer[n : n + decoding.numel()])
+            forward.decode(scheduler.slot_of[decoding], outputs.last_token[decoding], first=len(admitted))
             stats.decode_slots += decoding.numel()
-        logits = logits_buffer[: live.numel()]
         stats.steps += 1
-        raw = logits  # the model's distribution, before any mask
-        log_normalizer = torch.logsumexp(raw, dim=-1) if logprobs else None
-        if constraint is not None:
-            logits = masked_buffer[: live.numel()].copy_(logits)
-            constraint.apply(logits, live.tolist())
-        on_device = lambda t: t.to(logits.device)  # noqa: E731
-        next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
-                             on_device(settings.seeds[live]), on_device(count[live]))
-        if logprobs:
-            token_logprobs[live, count[live]] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
-        next_tokens = next_tokens.cpu()
-        generated[live, count[live]] = next_tokens
-        last_token[live] = next_tokens
-        count[live] += 1
-        if constraint is not None:
-            constraint.advance(next_tokens, rows=live.tolist())
-
-        stopped = torch.isin(next_tokens, stops)
-        ended = stopped | (count[live] >= settings.max_tokens[live])
-        for row, is_stop in zip(live[ended].tolist(), stopped[ended].tolist()):
-            finish[row] = "stop" if is_stop else "length"
-            free_slots.append(int(slot_of[row]))
-        # Rows still generating decode next step, in slot order (Step.build wants sorted cache rows).
-        decoding = live[~ended]
-        decoding = decoding[torch.argsort(slot_of[decoding])]
-        if not decoding.numel() and not waiting:
+        ended = sample_and_stop(forward.logits[: live.numel()], live, settings, outputs, stops, constraint, masked_buffer)
+        scheduler.free(live[ended].tolist())
+        decoding = scheduler.in_slot_order(live[~ended])
+        if not decoding.numel() and not scheduler.waiting:
             break
 
     stats.seconds = time.perf_counter() - started
-    completions = []
-    for row in range(batch):
-        n = int(count[row])
-        completions.append(
-            Completion(
-                token_ids=generated[row, :n].tolist(),
-                finish_reason=finish[row],
-                logprobs=token_logprobs[row, :n].tolist() if logprobs else None,
-            )
-        )
-    return completions, stats
+    stats.prompt_computed, stats.kv_cache_bytes = forward.computed, forward.cache.nbytes
+    per_slot_token = sum(t[0, 0].numel() * t.element_size() for t in forward.cache.k + forward.cache.v)
+    stats.kv_bytes_saved = max(0, slots * unshared_len * per_slot_token - stats.kv_cache_bytes)
+    return outputs.completions(cached), stats
+
+
+def _shared_prefixes(shared: list[SharedPrefix], prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The prefixes to prefill (each cut to one token short of its shortest row's prompt) and each
+    row's prefix id (-1: none). A prefix of one row, or of no tokens once cut, is not shared."""
+    prefixes: list[list[int]] = []
+    prefix_of = [-1] * len(prompts)
+    for n, group in enumerate(shared):
+        rows = list(group.rows)
+        for row in rows:
+            if not 0 <= row < len(prompts):
+                raise ValueError(f"shared_prefixes[{n}]: row {row} is not a row of this batch")
+            if prefix_of[row] != -1 or rows.count(row) > 1:
+                raise ValueError(f"shared_prefixes[{n}]: row {row} is named by more than one shared prefix")
+            if group.length > len(prompts[row]) or prompts[row][: group.length] != prompts[rows[0]][: group.length]:
+                raise ValueError(f"shared_prefixes[{n}]: row {row}'s prompt does not begin with the prefix's {group.length} tokens")
+        length = min([group.length] + [len(prompts[row]) - 1 for row in rows])
+        if len(rows) < 2 or length < 1:
+            continue
+        for row in rows:
+            prefix_of[row] = len(prefixes)
+        prefixes.append(prompts[rows[0]][:length])
+    return prefixes, prefix_of

@@ -13,6 +13,13 @@ positions.  A ring buffer would let the windowed layers hold only
 `sliding_window` positions; the plan states both and `ring_buffer_windowed_layers`
 picks which the batch is sized with.
 
+Shared prefixes (`shared_prefix_tokens`): rows that begin with the same
+prompt tokens (a job's system + developer message) keep one copy of that
+prefix's KV (engine/generate.py `SharedPrefix`): every layer stores it once, the
+windowed layers only its last `sliding_window - 1` positions, and each
+sequence holds only the tokens past it. The plan states the batch with and
+without sharing.
+
 Workspace reserve (an assumption, stated in the table):
   * `fixed_reserve_bytes` (default 1 GiB): CUDA context, cuBLAS/Triton
     workspaces, allocator fragmentation;
@@ -56,6 +63,9 @@ class MemoryPlan:
     prefill_workspace_bytes: int
     workspace_bytes_per_sequence: int
     max_batch: int  # 0: the weights and reserve alone do not fit
+    shared_prefix_tokens: int = 0  # prompt tokens every sequence shares, stored once
+    prefix_kv_bytes: int = 0  # the one copy of the shared prefix
+    max_batch_unshared: int = 0  # the batch if every sequence held its own copy of the prefix
 
     @property
     def fits(self) -> bool:
@@ -71,7 +81,7 @@ class MemoryPlan:
 
     @property
     def used_bytes(self) -> int:
-        return self.weight_bytes + self.reserve_bytes + self.max_batch * self.bytes_per_sequence
+        return self.weight_bytes + self.reserve_bytes + self.prefix_kv_bytes + self.max_batch * self.bytes_per_sequence
 
 
 def weight_parameters(config: ModelConfig) -> dict:
@@ -131,9 +141,12 @@ def plan_memory(
     ring_buffer_windowed_layers: bool = False,
     fixed_reserve_bytes: int = GIB,
     prefill_chunk_tokens: int = 8192,
+    shared_prefix_tokens: int = 0,
 ) -> MemoryPlan:
     if gpu_memory_bytes <= 0 or max_context <= 0 or dtype_bytes <= 0:
         raise ValueError("gpu memory, max context and dtype bytes must be positive")
+    if not 0 <= shared_prefix_tokens < max_context:
+        raise ValueError(f"--shared-prefix-tokens must be from 0 to below the max context ({max_context}), got {shared_prefix_tokens}")
     sizes = weight_bytes_by_part(config)
     weights = sum(sizes.values())
 
@@ -144,12 +157,18 @@ def plan_memory(
     kv_windowed = windowed * kv_per_layer_token
     window_positions = min(config.sliding_window, max_context)
     kv_windowed_fixed = kv_windowed * window_positions
-    per_sequence_kv = kv_full * max_context + (kv_windowed_fixed if ring_buffer_windowed_layers else kv_windowed * max_context)
+    windowed_per_sequence = kv_windowed_fixed if ring_buffer_windowed_layers else kv_windowed * max_context
+    unshared_kv = kv_full * max_context + windowed_per_sequence
+    own_tokens = max_context - shared_prefix_tokens
+    own_windowed = kv_windowed * min(config.sliding_window, own_tokens) if ring_buffer_windowed_layers else kv_windowed * own_tokens
+    per_sequence_kv = kv_full * own_tokens + own_windowed
+    prefix_kv = kv_full * shared_prefix_tokens + kv_windowed * min(shared_prefix_tokens, max(config.sliding_window - 1, 0))
 
     prefill = min(prefill_chunk_tokens, max(max_context, 1)) * activation_bytes_per_token(config)
     per_sequence_workspace = 2 * config.vocab_size * 4
     free = gpu_memory_bytes - weights - fixed_reserve_bytes - prefill
     per_sequence = per_sequence_kv + per_sequence_workspace
+    max_batch = max((free - prefix_kv) // per_sequence, 0) if shared_prefix_tokens else max(free // per_sequence, 0)
     return MemoryPlan(
         gpu_memory_bytes=gpu_memory_bytes,
         max_context=max_context,
@@ -169,7 +188,10 @@ def plan_memory(
         prefill_chunk_tokens=prefill_chunk_tokens,
         prefill_workspace_bytes=prefill,
         workspace_bytes_per_sequence=per_sequence_workspace,
-        max_batch=max(free // per_sequence, 0),
+        max_batch=max_batch,
+        shared_prefix_tokens=shared_prefix_tokens,
+        prefix_kv_bytes=prefix_kv if shared_prefix_tokens else 0,
+        max_batch_unshared=max(free // (unshared_kv + per_sequence_workspace), 0),
     )
 
 
@@ -189,12 +211,17 @@ def format_plan(plan: MemoryPlan) -> str:
     rows.append((f"KV per token, {windowed} (stored by position)", _size(plan.kv_bytes_per_token_windowed_layers)))
     rows.append((f"KV fixed per sequence, {windowed} (ring buffer of {plan.sliding_window})", _size(plan.kv_bytes_windowed_fixed)))
     layout = "ring buffer for windowed layers" if plan.ring_buffer_windowed_layers else "every layer stored by position"
-    rows.append((f"KV per sequence at {plan.max_context} ({layout})", _size(plan.kv_bytes_per_sequence)))
+    held = f"{plan.max_context - plan.shared_prefix_tokens} own tokens" if plan.shared_prefix_tokens else str(plan.max_context)
+    rows.append((f"KV per sequence at {held} ({layout})", _size(plan.kv_bytes_per_sequence)))
+    if plan.shared_prefix_tokens:
+        rows.append((f"KV of the shared prefix of {plan.shared_prefix_tokens} tokens, stored once", _size(plan.prefix_kv_bytes)))
     rows.append(("reserve: CUDA context, workspaces, fragmentation", _size(plan.fixed_reserve_bytes)))
     rows.append((f"reserve: prefill chunk of {plan.prefill_chunk_tokens} tokens", _size(plan.prefill_workspace_bytes)))
     rows.append(("workspace per sequence (float32 logits x2)", _size(plan.workspace_bytes_per_sequence)))
     verdict = str(plan.max_batch) if plan.fits else "0 (weights and reserve do not fit)"
     rows.append(("largest static batch", verdict))
+    if plan.shared_prefix_tokens:
+        rows.append(("  without prefix sharing", str(plan.max_batch_unshared)))
     rows.append(("memory used at that batch", _size(plan.used_bytes)))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value:>14}" for label, value in rows)

@@ -1,63 +1,25 @@
 """The gpt-oss transformer, as an executable spec.
 
-Tokens of a static batch are processed packed (``[N, H]``, no padding) through
-every matmul; only attention sees the batch as rows, through the KV cache.
+A forward pass runs its tokens packed (``[N, H]``, no padding) through every
+matmul; only attention sees them as KV-cache rows, through a `Step`.
 The ops (RMSNorm, routing, the MXFP4 MoE, attention) come from `kernels`, so
 the torch and Triton backends share this file.
 """
 
 import contextlib
 import math
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from ossbatch.engine.attend import attend
 from ossbatch.engine.config import ModelConfig
+from ossbatch.engine.expert_cache import ExpertCache
 from ossbatch.engine.kv_cache import KVCache
 from ossbatch.engine.precision import onednn_fp32_precision, resolve_fp32_matmul
+from ossbatch.engine.step import Step
 from ossbatch.engine.weights import LayerWeights, ModelWeights, load_weights
 from ossbatch.kernels import Ops, ops
 from ossbatch.kernels.mxfp4 import dequantize_mxfp4
-
-
-@dataclass
-class Step:
-    """Where the N tokens of one forward pass sit in the batch.
-
-    ``rows``/``positions`` give each packed token's batch row and position
-    (its KV cache index).  Attention runs over the rows that have tokens in
-    this step (``members``, sorted): each token is query ``slots`` of member
-    ``member_index``; queries sit at ``q_positions`` ``[M, q_len]`` and each
-    member's cache is valid up to ``kv_len`` ``[M]`` after this step's writes.
-    ``whole_batch`` says every row of the cache takes part (no cache copy).
-    """
-
-    rows: torch.Tensor  # [N] int64
-    positions: torch.Tensor  # [N] int64
-    members: torch.Tensor  # [M] int64
-    member_index: torch.Tensor  # [N] int64
-    slots: torch.Tensor  # [N] int64
-    q_positions: torch.Tensor  # [M, q_len] int64
-    kv_len: torch.Tensor  # [M] int64
-    whole_batch: bool
-
-    @classmethod
-    def build(cls, rows: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor, batch: int) -> "Step":
-        """`rows` must be sorted, each row's positions consecutive and ascending;
-        `kv_len` is every batch row's valid cache length after this step."""
-        members, member_index, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(rows.numel()) - first[member_index]
-        q_positions = torch.zeros(members.numel(), int(counts.max()), dtype=torch.int64)
-        # Padding query slots repeat the row's last position: harmless, and never read back.
-        q_positions[:] = (kv_len[members] - 1).clamp(min=0)[:, None]
-        q_positions[member_index, slots] = positions
-        return cls(rows, positions, members, member_index, slots, q_positions, kv_len[members], members.numel() == batch)
-
-    def to(self, device) -> "Step":
-        tensors = (self.rows, self.positions, self.members, self.member_index, self.slots, self.q_positions, self.kv_len)
-        return Step(*(t.to(device) for t in tensors), self.whole_batch)
 
 
 class RotaryEmbedding:
@@ -89,35 +51,6 @@ class RotaryEmbedding:
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-class ExpertCache:
-    """A bounded LRU of unpacked experts for the torch backend.
-
-    Unpacking MXFP4 costs more than the matmul it feeds on a CPU, so hot
-    experts are kept unpacked up to a byte budget; the packed weights stay the
-    source of truth and nothing beyond the budget is ever unpacked at once.
-    """
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
-        self.used_bytes = 0
-        self._entries: OrderedDict = OrderedDict()
-
-    def get(self, key, unpack):
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry
-        entry = unpack()
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size <= self.budget_bytes:
-            while self.used_bytes + size > self.budget_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.used_bytes -= sum(t.numel() * t.element_size() for t in old)
-            self._entries[key] = entry
-            self.used_bytes += size
-        return entry
-
-
 class AttentionBlock:
     def __init__(self, config: ModelConfig, w: LayerWeights, layer: int, rope: RotaryEmbedding, kernels: Ops,
                  ieee_attention: bool = False):
@@ -136,17 +69,9 @@ class AttentionBlock:
         k = qkv[:, q_dim : q_dim + kv_dim].reshape(-1, c.num_key_value_heads, c.head_dim)
         v = qkv[:, q_dim + kv_dim :].reshape(-1, c.num_key_value_heads, c.head_dim)
         q, k = self.rope(q, step.positions), self.rope(k, step.positions)
-        k_cache, v_cache = cache.write(self.layer, step.rows, step.positions, k, v)
-        if not step.whole_batch:
-            # Only some rows take part (a prefill group, or rows still decoding): attend over theirs alone.
-            span = int(step.kv_len.max())
-            k_cache, v_cache = k_cache[step.members, :span], v_cache[step.members, :span]
-
-        q_rows = q.new_zeros(step.q_positions.shape + q.shape[1:])
-        q_rows[step.member_index, step.slots] = q
         with onednn_fp32_precision("ieee") if self.ieee_attention else contextlib.nullcontext():
-            out = self.ops.attention(q_rows, k_cache, v_cache, w.sinks, step.q_positions, step.kv_len, self.window, c.sm_scale)
-        out = out[step.member_index, step.slots].reshape(-1, q_dim)
+            out = attend(self.ops, q, k, v, step, cache, self.layer, w.sinks, self.window, c.sm_scale)
+        out = out.reshape(-1, q_dim)
         return x + torch.addmm(w.out_bias, out, w.out_weight.t())
 
 

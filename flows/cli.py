@@ -6,7 +6,7 @@
     ossbatch synth --n 4 [--dedupe]                         (same job flags as run)
     ossbatch eval --gold-column answer [--grading choice|exact] [--price-per-million-tokens IN OUT]
     ossbatch serve | deploy [--prefect-file prefect.yaml]   (the nightly deployments)
-    ossbatch plan --model DIR --gpu-memory 80GiB --max-context N
+    ossbatch plan --model DIR --gpu-memory 80GiB --max-context N [--shared-prefix-tokens N]
     ossbatch inspect OUTPUT
 """
 
@@ -176,11 +176,12 @@ def cmd_plan(args) -> int:
     from ossbatch.engine.config import read_config
     from ossbatch.engine.memory_plan import format_plan, parse_bytes, plan_memory
 
+    config = read_config(args.model)
     try:
-        gpu_bytes = parse_bytes(args.gpu_memory)
+        plan = plan_memory(config, parse_bytes(args.gpu_memory), args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
     except ValueError as err:
         raise SystemExit(f"ossbatch plan: {err}") from None
-    print(format_plan(plan_memory(read_config(args.model), gpu_bytes, args.max_context)))
+    print(format_plan(plan))
     return 0
 
 
@@ -222,6 +223,8 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=_default(pipeline, "shard_rows"))
     p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=_default(pipeline, "batch_tokens"))
     p.add_argument("--max-batch-rows", type=_positive_int("--max-batch-rows"), default=_default(pipeline, "max_batch_rows"))
+    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                   help="prefill and store every row's whole prompt, even where rows share a prefix (for comparison)")
     p.add_argument("--storage-options", dest="storage", type=_storage_flag, default=LOCAL,
                    help="fsspec options as JSON, flat or keyed by protocol ({\"s3\": {...}}); never written to the output")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by a different job")
@@ -304,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", required=True)
     plan.add_argument("--gpu-memory", default="80GiB")
     plan.add_argument("--max-context", type=_positive_int("--max-context"), default=8192)
+    plan.add_argument("--shared-prefix-tokens", type=int, default=0,
+                      help="prompt tokens every row shares (e.g. the system + developer message), stored once")
     plan.set_defaults(func=cmd_plan)
 
     inspect = sub.add_parser("inspect", help="show a job's manifest and first failing rows")

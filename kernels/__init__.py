@@ -17,21 +17,27 @@ class Ops:
     plan_routing: Callable
     moe: Callable
     attention: Callable
+    attention_lse: Callable  # attention that also returns its log-sum-exp (cascade attention's parts)
+    merge_attention: Callable  # two attention states merged by their log-sum-exp
 
 
 def ops(backend: str) -> Ops:
     if backend == "torch":
         from ossbatch.kernels.attention import attention_sdpa
+        from ossbatch.kernels.cascade import attention_lse_torch, merge_attention_torch
         from ossbatch.kernels.moe import moe_torch
         from ossbatch.kernels.rmsnorm import rmsnorm_torch
         from ossbatch.kernels.routing import plan_routing_torch, route_torch
 
-        return Ops(rmsnorm_torch, route_torch, plan_routing_torch, moe_torch, attention_sdpa)
+        return Ops(rmsnorm_torch, route_torch, plan_routing_torch, moe_torch, attention_sdpa, attention_lse_torch, merge_attention_torch)
     if backend == "triton":
         from ossbatch.kernels.attention import attention_triton
+        from ossbatch.kernels.cascade import attention_lse_torch, merge_attention_triton
         from ossbatch.kernels.moe import moe_triton
         from ossbatch.kernels.rmsnorm import rmsnorm_triton
         from ossbatch.kernels.routing import plan_routing_torch, route_triton
 
-        return Ops(rmsnorm_triton, route_triton, plan_routing_torch, moe_triton, attention_triton)
+        # attention_lse: the torch pass until kernels/attention.py's Triton kernel returns its log-sum-exp.
+        return Ops(rmsnorm_triton, route_triton, plan_routing_torch, moe_triton, attention_triton, attention_lse_torch,
+                   merge_attention_triton)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -47,7 +47,7 @@ def chat_completion_body(row: dict, model: str, created: int, job_key: str) -> d
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": _count(row, "cached_prompt_tokens")},
             "completion_tokens_details": {"reasoning_tokens": _count(row, "reasoning_tokens")},
         },
         "system_fingerprint": None,
@@ -88,7 +88,7 @@ def response_body(row: dict, model: str, created: int, job_key: str) -> dict:
         "tools": [],
         "usage": {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": _count(row, "cached_prompt_tokens"), "cache_write_tokens": 0},
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": _count(row, "reasoning_tokens")},
             "total_tokens": prompt + completion,

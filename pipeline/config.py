@@ -37,7 +37,7 @@ Runner = Literal["local", "ray"]
 OUTPUT_SETTINGS = ("batch_tokens", "max_batch_rows", "dtype", "backend", "fp32_matmul")
 IDENTITY_KEYS = {"response_schema": "schema"}
 # Fields whose flag is not ``--`` + the field name with dashes.
-FLAG_NAMES = {"storage": "--storage-options", "response_schema": "--schema"}
+FLAG_NAMES = {"storage": "--storage-options", "response_schema": "--schema", "prefix_sharing": "--no-prefix-sharing"}
 
 
 def flag_of(field: str) -> str:
@@ -86,6 +86,7 @@ class PipelineOptions(_Settings):
     shard_rows: int = Field(10_000, ge=1)
     batch_tokens: int = Field(32768, ge=1)  # KV cache budget of one batch: rows x (prompt + max tokens)
     max_batch_rows: int = Field(256, ge=1)
+    prefix_sharing: bool = True  # rows sharing a prompt prefix prefill and store it once (--no-prefix-sharing)
     overwrite: bool = False
     storage: Storage = LOCAL  # credentials: shown as ********** in Prefect, never written to the output
 

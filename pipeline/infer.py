@@ -15,9 +15,9 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from ossbatch.engine.generate import SamplingParams, generate
+from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
-from ossbatch.pipeline.bucket import pack_batches
+from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
@@ -65,6 +65,7 @@ class ShardInferencer:
         self.settings = job.options.sampling
         self.batch_tokens = job.options.batch_tokens
         self.max_batch_rows = job.options.max_batch_rows
+        self.prefix_sharing = job.options.prefix_sharing
         self.stops = stop_token_ids()
 
     @cached_property
@@ -87,16 +88,24 @@ class ShardInferencer:
             except ValueError as err:
                 results[i] = _error_row(request, str(err))
 
-        stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0}
-        lengths = [len(p.prompt) for p in prepared]
+        stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0, "prompt_computed": 0,
+                 "kv_bytes_saved": 0, "kv_cache_bytes": 0}
         budgets = [p.params.max_tokens for p in prepared]
-        buckets = pack_batches(lengths, budgets, self.batch_tokens, self.max_batch_rows)
+        # Rows whose prompts share a prefix are bucketed together; a row's KV holds its own tokens only.
+        buckets = pack_batches_by_prefix([p.prompt for p in prepared], budgets, self.batch_tokens, self.max_batch_rows,
+                                         share=self.prefix_sharing)
+        group_of = {m: group for bucket, group in buckets for m in bucket}
+        lengths = [len(p.prompt) - group_of[m].length for m, p in enumerate(prepared)]
         # Each run of buckets shares one KV cache whose freed slots take the run's next row.
-        for run, slots in _refill_runs(buckets, lengths, budgets, self.batch_tokens, self.max_batch_rows):
+        for run, slots in _refill_runs([b for b, _ in buckets], lengths, budgets, self.batch_tokens, self.max_batch_rows):
             members = [m for bucket in run for m in bucket]
             rows = [prepared[m] for m in members]
             position = {m: i for i, m in enumerate(members)}
             groups = [[position[m] for m in bucket] for bucket in run]
+            shared = {}
+            for m in members:
+                if group_of[m].length:
+                    shared.setdefault(id(group_of[m]), (group_of[m].length, []))[1].append(position[m])
             constraint = _batch_constraint(rows, self.model.config.vocab_size)
             started = time.perf_counter()
             completions, gen = generate(
@@ -108,10 +117,14 @@ class ShardInferencer:
                 logprobs=self.settings.logprobs,
                 prefill_groups=groups,
                 slots=slots,
+                shared_prefixes=[SharedPrefix(tuple(at), length) for length, at in shared.values()],
             )
             stats["engine_seconds"] += time.perf_counter() - started
             stats["padded_prompt_slots"] += gen.padded_prompt_slots
             stats["decode_slots"] += gen.decode_slots
+            stats["prompt_computed"] += gen.prompt_computed
+            stats["kv_bytes_saved"] += gen.kv_bytes_saved
+            stats["kv_cache_bytes"] = max(stats["kv_cache_bytes"], gen.kv_cache_bytes)  # runs hold theirs one at a time
             stats["batches"] += 1
             errors = constraint.errors() if constraint is not None else [None] * len(rows)
             # Parsing in a thread behind the engine measured no faster on 2 cores: openai-harmony
@@ -160,6 +173,7 @@ class ShardInferencer:
             "reasoning_text": parsed.reasoning_text,
             "error": parsed.error,
             "prompt_tokens": len(row.prompt),
+            "cached_prompt_tokens": completion.cached_prompt_tokens,
             "reasoning_tokens": parsed.reasoning_tokens,
             "output_tokens": parsed.output_tokens,
             "completion_tokens": len(completion.token_ids),

@@ -20,8 +20,10 @@ def _share(part: float, whole: float) -> str:
 
 
 def padding_share(tokens: dict) -> float | None:
-    """Padded prompt slots beyond the real prompt tokens, as a fraction of the prompt tokens."""
-    return tokens["padded_prompt_slots"] / tokens["prompt"] - 1 if tokens.get("prompt") else None
+    """Padded prompt slots beyond the prompt tokens computed (all of them, unless rows shared
+    prefixes), as a fraction of those."""
+    computed = tokens.get("prompt_computed") or tokens.get("prompt")
+    return tokens["padded_prompt_slots"] / computed - 1 if computed else None
 
 
 def decode_waste(tokens: dict) -> float | None:
@@ -58,8 +60,11 @@ def _summary_lines(title: str, rows_by_status: dict, tokens: dict, extra: list[t
             f"{_n(rows_by_status[s])} {s} ({_share(rows_by_status[s], total)})" for s in ("ok", "length", "error"))),
         ("tokens", f"prompt {_n(tokens['prompt'])}, reasoning {_n(tokens['reasoning'])}, "
                    f"output {_n(tokens['output'])}, completion {_n(tokens['completion'])}"),
+        *([("shared prefixes", f"prompt computed {_n(tokens['prompt_computed'])}, {_n(tokens.get('cached_prompt', 0))} "
+                               f"read from shared prefixes, {_n(tokens.get('kv_bytes_saved', 0))} KV bytes saved")]
+          if tokens.get("cached_prompt") and tokens.get("prompt_computed") else []),
         ("padding", f"{_n(tokens['padded_prompt_slots'])} padded prompt slots: "
-                    + (f"{100 * padding:+.1f}% over the prompt tokens" if padding is not None else "n/a")),
+                    + (f"{100 * padding:+.1f}% over the prompt tokens computed" if padding is not None else "n/a")),
         ("decode", f"{_n(tokens['decode_slots'])} decode slots: "
                    + (f"{100 * waste:.1f}% spent past a row's end" if waste is not None else "n/a")),
         *extra,

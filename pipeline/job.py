@@ -51,7 +51,8 @@ PLAN_VERSION = 1
 DEFAULT_SHARD_ROWS = 10_000
 ID_CHUNK = 65_536
 DUPLICATES_NAMED = 20
-TOKEN_KEYS = ("prompt", "reasoning", "output", "completion", "padded_prompt_slots", "decode_slots")
+TOKEN_KEYS = ("prompt", "cached_prompt", "prompt_computed", "kv_bytes_saved", "reasoning", "output", "completion",
+              "padded_prompt_slots", "decode_slots")
 
 
 @dataclass
@@ -426,6 +427,8 @@ def commit_shard(plan: JobPlan, shard_index: int, results: list[dict], stats: di
             **summary["tokens"],
             "padded_prompt_slots": int(stats.get("padded_prompt_slots") or 0),
             "decode_slots": int(stats.get("decode_slots") or 0),
+            "prompt_computed": int(stats.get("prompt_computed") or 0),
+            "kv_bytes_saved": int(stats.get("kv_bytes_saved") or 0),
         },
         "batches": int(stats.get("batches") or 0),
         "engine_seconds": float(stats.get("engine_seconds") or 0.0),
@@ -466,7 +469,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     fs, work = plan.work_fs()
     ordered = [markers[i] for i in range(plan.num_shards)]
     rows = {"total": sum(m["rows"] for m in ordered), **{s: sum(m["statuses"][s] for m in ordered) for s in STATUSES}}
-    tokens = {k: sum(m["tokens"][k] for m in ordered) for k in TOKEN_KEYS}
+    tokens = {k: sum(m["tokens"].get(k, 0) for m in ordered) for k in TOKEN_KEYS}  # .get: shards committed before a key existed
     this_run = [m for m in ordered if m["shard"] not in set(plan.already_committed)]
     engine_seconds = sum(m["engine_seconds"] for m in ordered)
     if plan.output_format == "batch_jsonl":

@@ -23,6 +23,7 @@ RESULT_FIELDS = [
     pa.field("reasoning_text", pa.string()),
     pa.field("error", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
+    pa.field("cached_prompt_tokens", pa.int64()),  # prompt tokens read from a prefix shared with other rows
     pa.field("reasoning_tokens", pa.int64()),
     pa.field("output_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
@@ -35,7 +36,7 @@ RESULT_FIELDS = [
 ]
 RESULT_NAMES = frozenset(f.name for f in RESULT_FIELDS)
 STATUSES = ("ok", "length", "error")
-TOKEN_FIELDS = ("prompt_tokens", "reasoning_tokens", "output_tokens", "completion_tokens")
+TOKEN_FIELDS = ("prompt_tokens", "cached_prompt_tokens", "reasoning_tokens", "output_tokens", "completion_tokens")
 # Field metadata: the input column a passthrough column came from, and whether it holds JSON text.
 SOURCE_KEY, ENCODING_KEY = b"ossbatch.source", b"ossbatch.encoding"
 JSON_TEXT = "json"
@@ -138,7 +139,7 @@ def write_parquet(table: pa.Table, sink) -> None:
 def shard_summary(results: list[dict]) -> dict:
     """Row counts by status and token sums of one shard's results."""
     statuses = dict.fromkeys(STATUSES, 0)
-    tokens = dict.fromkeys(("prompt", "reasoning", "output", "completion"), 0)
+    tokens = dict.fromkeys(("prompt", "cached_prompt", "reasoning", "output", "completion"), 0)
     for r in results:
         status = r.get("status")
         statuses[status if status in statuses else "error"] += 1

@@ -82,3 +82,36 @@ def test_parse_bytes_names_the_flag(text):
 def test_plan_rejects_nonsense():
     with pytest.raises(ValueError):
         plan_memory(ModelConfig(), 0, 8192)
+
+
+def test_shared_prefix_is_stored_once_and_more_rows_fit():
+    """The issue's labeling job on an H100: a 1,500-token shared prefix, a 300-token item, 500 generated."""
+    per_layer_token = 2 * 8 * 64 * 2
+    for ring in (False, True):
+        plain = plan_memory(GPT_OSS_120B, 80 * 10**9, 2300, ring_buffer_windowed_layers=ring)
+        shared = plan_memory(GPT_OSS_120B, 80 * 10**9, 2300, ring_buffer_windowed_layers=ring, shared_prefix_tokens=1500)
+        assert shared.prefix_kv_bytes == 18 * per_layer_token * 1500 + 18 * per_layer_token * 127  # windowed: the window's tail
+        own_windowed = 18 * per_layer_token * (128 if ring else 800)
+        assert shared.kv_bytes_per_sequence == 18 * per_layer_token * 800 + own_windowed
+        assert shared.max_batch_unshared == plain.max_batch
+        assert shared.used_bytes <= shared.gpu_memory_bytes < shared.used_bytes + shared.bytes_per_sequence
+    # ~90 MB per row without sharing, ~34 MB with: about 2.5x the rows (the issue's 119 -> 310, less our workspace).
+    assert shared.max_batch >= 2.4 * shared.max_batch_unshared
+    text = format_plan(shared)
+    assert "shared prefix of 1500 tokens, stored once" in text and "without prefix sharing" in text
+
+
+def test_shared_prefix_is_checked():
+    with pytest.raises(ValueError, match="--shared-prefix-tokens"):
+        plan_memory(GPT_OSS_120B, 80 * GIB, 2048, shared_prefix_tokens=2048)
+
+
+def test_plan_command_counts_a_shared_prefix(tiny_model_dir, capsys):
+    from ossbatch.flows.cli import main
+
+    assert main(["plan", "--model", str(tiny_model_dir), "--gpu-memory", "1GiB", "--max-context", "512",
+                 "--shared-prefix-tokens", "400"]) == 0
+    text = capsys.readouterr().out
+    assert "shared prefix of 400 tokens, stored once" in text and "without prefix sharing" in text
+    with pytest.raises(SystemExit, match="--shared-prefix-tokens"):
+        main(["plan", "--model", str(tiny_model_dir), "--max-context", "512", "--shared-prefix-tokens", "512"])

@@ -180,6 +180,7 @@ def test_manifest_counts_statuses_tokens_and_shards(tmp_path):
     assert manifest["tokens"] == {
         "prompt": 12 * 3 + 2, "reasoning": 13 * 3, "output": 13 * 4, "completion": 13 * 7,
         "padded_prompt_slots": 12 * 3 + 2 + 14, "decode_slots": 14 * 8,
+        "cached_prompt": 0, "prompt_computed": 0, "kv_bytes_saved": 0,  # the fake engine shares nothing
     }
     assert manifest["batches"] == 3
     assert [(s["shard"], s["rows"], s["worker"]) for s in manifest["shards"]] == [(0, 5, "gpu-0"), (1, 5, "gpu-0"), (2, 4, "gpu-0")]
