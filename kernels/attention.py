@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype
+from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype, launch
 
 
 def attention_torch(
@@ -242,7 +242,8 @@ def attention_triton(
     else:
         target, target_lse = out.unsqueeze(0), (lse.unsqueeze(0) if return_lse else out.new_empty(1, 1, 1, 1, dtype=torch.float32))
     if out.numel():
-        _attention_kernel[(m_blocks * splits, kv_heads, batch)](
+        launch(
+            _attention_kernel, (m_blocks * splits, kv_heads, batch),
             q, k_cache, v_cache, sinks, q_positions, kv_len, target, target_lse,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -38,3 +38,29 @@ def cast_rtne(x, dtype: tl.constexpr):
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# Launch capture: `benchmarks/gpu_compile.py` runs the real launchers on meta tensors with
+# this set, so it compiles the very arguments, constexprs, warps and stages they would launch.
+_captured_launches: list | None = None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or recorded as (kernel, grid, args, kwargs) while capturing."""
+    if _captured_launches is not None:
+        _captured_launches.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+class capture_launches:
+    """``with capture_launches() as launches: moe_triton(...)``: record the launches instead of running them."""
+
+    def __enter__(self) -> list:
+        global _captured_launches
+        self._saved, _captured_launches = _captured_launches, []
+        return _captured_launches
+
+    def __exit__(self, *exc) -> None:
+        global _captured_launches
+        _captured_launches = self._saved
