@@ -76,14 +76,14 @@ class RowConfig:
         return f"r{self.block_rows}w{self.num_warps}"
 
 
-# MoE: keyed by the bucket of tokens x top_k / experts (rows per expert, on average),
-# the quantity that decides how full a tile's rows are.
+# MoE: keyed by rows per expert (tokens x top_k / experts, rounded up), which decides how
+# full a tile's token side is; the first bucket whose bound holds is taken.  Up to 32 rows
+# the tile is swapped (weights fill the wgmma's 64-row M, tokens its N of 16 or 32).
 MOE_BY_ROWS_PER_EXPERT = {
-    "decode1": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
-    "decode8": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
-    "decode64": MoeConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    "decode256": MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    "prefill": MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    "rows<=16": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
+    "rows<=32": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
+    "rows<=64": MoeConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3),
+    "rows>64": MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
 }
 
 # Attention: keyed by the step's bucket (decode batch or prefill).
@@ -100,7 +100,11 @@ ROUTE = RowConfig(block_rows=16, num_warps=4)
 
 
 def moe_rows_bucket(tokens: int, top_k: int, num_experts: int) -> str:
-    return bucket(-(-tokens * top_k // max(num_experts, 1)))
+    rows = -(-tokens * top_k // max(num_experts, 1))
+    for name in MOE_BY_ROWS_PER_EXPERT:
+        if name.startswith("rows<=") and rows <= int(name[len("rows<="):]):
+            return name
+    return "rows>64"
 
 
 def moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
