@@ -132,14 +132,21 @@ def _grouped_mxfp4_matmul_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The weight tile goes through the upcast in registers, which Triton's pipeliner does not
+    # stage (it stages only loads that feed tl.dot: x here), so it is prefetched by hand one
+    # K block ahead: block k0 + BLOCK_K's bytes are in flight while block k0 is computed.
+    packed_next = tl.load(w_rows + k_bytes[None, :], mask=col_ok[:, None] & (2 * k_bytes < k_dim)[None, :], other=0)
+    scales_next = tl.load(scale_rows + k_groups[None, :], mask=col_ok[:, None] & (32 * k_groups < k_dim)[None, :], other=0)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = k0 + k_values < k_dim  # K need not be a multiple of BLOCK_K (nor of 32)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + (k0 + k_values)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        packed = tl.load(w_rows + (k0 // 2 + k_bytes)[None, :],
-                         mask=col_ok[:, None] & (k0 + 2 * k_bytes < k_dim)[None, :], other=0)
-        scales = tl.load(scale_rows + (k0 // 32 + k_groups)[None, :],
-                         mask=col_ok[:, None] & (k0 + 32 * k_groups < k_dim)[None, :], other=0)
+        packed, scales = packed_next, scales_next
+        k1 = k0 + BLOCK_K  # past K on the last block: fully masked, no memory traffic
+        packed_next = tl.load(w_rows + (k1 // 2 + k_bytes)[None, :],
+                              mask=col_ok[:, None] & (k1 + 2 * k_bytes < k_dim)[None, :], other=0)
+        scales_next = tl.load(scale_rows + (k1 // 32 + k_groups)[None, :],
+                              mask=col_ok[:, None] & (k1 + 32 * k_groups < k_dim)[None, :], other=0)
         # Upcast in registers; values past K are zeroed so checkpoint padding never leaks in.
         w = tl.where(k_ok[None, :], _mxfp4_tile_to_float(packed, scales, BLOCK_N, BLOCK_K), 0.0)
         # Round W to x's dtype first (exact for e2m1 * 2**s), then hand tl.dot its operand dtype.

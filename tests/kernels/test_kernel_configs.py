@@ -8,8 +8,8 @@ from ossbatch.kernels.attention import attention_torch, attention_triton
 from ossbatch.kernels.moe import moe_torch, moe_triton
 from ossbatch.kernels.routing import plan_routing_torch, route_torch
 
-from .test_kernel_attention import make_inputs
-from .test_kernel_moe import make_experts
+from test_kernel_attention import make_inputs
+from test_kernel_moe import make_experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
