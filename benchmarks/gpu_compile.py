@@ -153,18 +153,8 @@ def launches_for(model_name: str, model: ModelConfig) -> list[Launch]:
                 (fn, grid, args, kwargs), = attn
                 label = f"{shape}.ctx{context_name}.{'window' if window else 'full'}"
                 out.append(Launch("attention", label, config.name, q_len * hq // hkv,
-                                  attention_roofline(model, batch, q_len, context, window), fn, args, kwargs))
+                                  kernel_roofline.attention_roofline(model, batch, q_len, context, window).roofline_s, fn, args, kwargs))
     return out
-
-
-def attention_roofline(model: ModelConfig, batch: int, q_len: int, context: int, window: int) -> float:
-    """KV read once per (row, kv head) plus q and out; FLOPs over the keys each query sees (causal)."""
-    hq, hkv, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
-    span = min(context, window + q_len) if window else context
-    seen = min(window, context) if window else context - (q_len - 1) / 2
-    bytes_ = batch * span * 2 * hkv * d * 2 + 2 * batch * q_len * hq * d * 2
-    flops = 4 * batch * q_len * hq * d * seen
-    return max(bytes_ / kernel_roofline.HBM_BYTES_PER_S, flops / kernel_roofline.BF16_FLOPS)
 
 
 # ----------------------------------------------------------------------------- compiling

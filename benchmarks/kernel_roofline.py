@@ -77,6 +77,17 @@ def kernel_rows(config: ModelConfig, batch: int, context: int) -> list[Row]:
     ]
 
 
+def attention_roofline(config: ModelConfig, batch: int, q_len: int, context: int, window: int) -> Row:
+    """`batch` sequences of `q_len` new tokens at `context`: the KV they see read once per
+    (sequence, kv head), q and out; FLOPs over the keys each query sees (causal)."""
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    span = min(context, window + q_len - 1) if window else context
+    seen = min(window, context) if window else context - (q_len - 1) / 2
+    bytes_ = batch * span * 2 * hkv * d * BF16 + 2 * batch * q_len * hq * d * BF16
+    name = f"attention window {window}" if window else f"attention ctx {context}"
+    return Row(name, batch * q_len, bytes_, 4 * batch * q_len * hq * d * seen)
+
+
 def decode_step_estimate(config: ModelConfig, batch: int, context: int) -> dict:
     """Bytes and FLOPs of one decode step of the whole model (every sequence at `context`)."""
     parts = weight_bytes_by_part(config)
