@@ -46,12 +46,18 @@ def use_repository_package() -> None:
 
 
 class Report:
-    def __init__(self):
+    """The table; with `path` set it is rewritten after every row, so a run cut short by the
+    time limit still leaves everything it measured."""
+
+    def __init__(self, path: Path | None = None, title: str = ""):
         self.rows: list[dict] = []
+        self.path, self.title = path, title
 
     def add(self, section: str, item: str, value: str, reference: str = "", verdict: str = "") -> None:
         row = dict(section=section, item=item, value=value, reference=reference, verdict=verdict)
         self.rows.append(row)
+        if self.path is not None:
+            self.path.write_text(self.markdown(self.title))
         print(f"[{section}] {item}: {value}" + (f"  ({reference})" if reference else "") + (f"  {verdict}" if verdict else ""),
               flush=True)
 
@@ -118,7 +124,7 @@ def kernel_tests(report: Report, device: str) -> None:
                "--confcutdir", str(ROOT / "tests" / "kernels"), str(ROOT / "tests" / "kernels"),
                "--ignore", str(ROOT / "tests" / "kernels" / "test_kernel_compile.py"),
                "--ignore", str(ROOT / "tests" / "kernels" / "test_gpu_check.py")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT / "tests" / "kernels")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, cwd=ROOT / "tests" / "kernels")
     summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     report.add("kernel tests", "pytest tests/kernels, TRITON_INTERPRET=0", summary, verdict="ok" if result.returncode == 0 else "FAIL")
     if result.returncode:
@@ -361,8 +367,9 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run on a CPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = Report()
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}), Triton interpreter"
+    title = f"gpu_check{' --dry-run' if args.dry_run else ''}: {machine}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    report = Report(args.out / "gpu_check.md", title)
     report.add("environment", "device", machine)
     report.add("environment", "torch / triton / python", f"{torch.__version__} / {triton.__version__} / {platform.python_version()}")
     bench = Bench(device, args.dry_run)
@@ -375,7 +382,6 @@ def main(argv=None) -> int:
     report.section("engine 120b", lambda: engine_120b_scaled(report, device, args.dry_run, bench, "triton", kernel_roofline))
     clean = imports_check(report)
     report.add("total", "wall time", f"{time.perf_counter() - started:.0f} s")
-    title = f"gpu_check{' --dry-run' if args.dry_run else ''}: {machine}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     (args.out / "gpu_check.md").write_text(report.markdown(title))
     (args.out / "gpu_check.json").write_text(json.dumps({"title": title, "rows": report.rows}, indent=1))
     print(f"\nwrote {args.out / 'gpu_check.md'}")

@@ -166,7 +166,8 @@ def compile_launch(launch: Launch, arch: int):
     names = [p.name for p in fn.params]
     bound = dict(zip(names, launch.args))
     bound.update({key: value for key, value in launch.kwargs.items() if key in names})
-    options = {key: value for key, value in launch.kwargs.items() if key not in names}
+    options = {key: value for key, value in launch.kwargs.items() if key not in names and key != "options_by_arch"}
+    options.update(launch.kwargs.get("options_by_arch", {}).get(arch // 10, {}))  # what the launcher adds on this GPU
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         value = bound[param.name]
@@ -216,7 +217,7 @@ def mma_token_side(kernel: str, family: str, counts: dict, config_name: str) -> 
     """Rows the MMA instruction gives the token side: the N of a wgmma/tcgen05 shape (MxNxK) when
     swapped, else its M (64 per warpgroup for wgmma, 16 for mma.sync's m16n8k16)."""
     shape = next((re.search(r"\.(\d+)x(\d+)x(\d+)", op) for op in counts if re.search(r"\.(\d+)x(\d+)x(\d+)", op)), None)
-    swapped = config_name.endswith("swap")
+    swapped = "swap" in config_name
     if family == "HMMA":
         return 8 if swapped else 16
     if shape:

@@ -40,10 +40,21 @@ class MoeConfig:
     num_warps: int
     num_stages: int
     swap_ab: bool = False
+    # ptxas's register cap per thread (Triton's maxnreg) by GPU generation (compute capability
+    # major): fits one more CTA per SM where the compiled cubin still does not spill at the cap.
+    max_registers: tuple = ()  # ((major, registers), ...)
 
     @property
     def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}" + ("swap" if self.swap_ab else "")
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}" + ("swap" if self.swap_ab else "")
+                + "".join(f"r{registers}sm{major}x" for major, registers in self.max_registers))
+
+    def launch_options(self) -> dict:
+        """Keyword arguments for `triton_compat.launch`."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_registers:
+            options["options_by_arch"] = {major: {"maxnreg": registers} for major, registers in self.max_registers}
+        return options
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,11 @@ class RowConfig:
 
 # MoE: keyed by rows per expert (tokens x top_k / experts, rounded up), which decides how
 # full a tile's token side is; the first bucket whose bound holds is taken.  Up to 32 rows
-# the tile is swapped (weights fill the wgmma's 64-row M, tokens its N of 16 or 32).
+# the tile is swapped (weights fill the wgmma's 64-row M, tokens its N of 16 or 32).  On
+# Hopper the 16-row one is capped at 168 registers (no spill there at that cap; sm_100 would
+# spill), so 3 CTAs fit an SM instead of 2.
 MOE_BY_ROWS_PER_EXPERT = {
-    "rows<=16": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
+    "rows<=16": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True, max_registers=((9, 168),)),
     "rows<=32": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
     "rows<=64": MoeConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3),
     "rows>64": MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
@@ -92,7 +105,8 @@ ATTENTION_BY_BUCKET = {
     "decode8": AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, num_splits=4),
     "decode64": AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=3),
     "decode256": AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=3),
-    "prefill": AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    # 64-row tiles at 4 warps (one warpgroup's wgmma M): 3 CTAs per SM, where 128 rows at 8 warps fit 1.
+    "prefill": AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 
 RMSNORM = RowConfig(block_rows=1, num_warps=4)

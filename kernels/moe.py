@@ -197,7 +197,7 @@ def _grouped_mxfp4_matmul(x, blocks, scales, bias, out, plan, route_weights, lim
         DOT_DTYPE=dot_operand_dtype(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # no silent TF32 for float32 inputs
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **config.launch_options(),
     )
 
 

@@ -45,11 +45,18 @@ def cast_rtne(x, dtype: tl.constexpr):
 _captured_launches: list | None = None
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, or recorded as (kernel, grid, args, kwargs) while capturing."""
+def launch(kernel, grid, *args, options_by_arch: dict | None = None, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or recorded as (kernel, grid, args, kwargs) while capturing.
+
+    `options_by_arch` maps a compute capability major (9: Hopper) to extra compile options
+    for that generation only; while capturing it is kept under the "options_by_arch" key.
+    """
     if _captured_launches is not None:
-        _captured_launches.append((kernel, grid, args, kwargs))
+        _captured_launches.append((kernel, grid, args, dict(kwargs, options_by_arch=options_by_arch or {})))
         return
+    if options_by_arch and not triton.knobs.runtime.interpret:
+        major = torch.cuda.get_device_capability(args[0].device)[0]
+        kwargs.update(options_by_arch.get(major, {}))
     kernel[grid](*args, **kwargs)
 
 

@@ -68,7 +68,7 @@ def test_decode_moe_issues_no_64_row_mma_for_a_few_rows(compiled):
     for r in compiled:
         if r["kernel"].startswith("moe") and ".decode" in r["shape"]:
             assert r["mma_token_rows"] <= 32, f"{r['shape']} {r['config']}: {r['mma_token_rows']} MMA rows for tokens"
-            assert r["config"].endswith("swap")
+            assert "swap" in r["config"]
 
 
 def test_a_bad_configuration_is_caught(tmp_path):
