@@ -40,6 +40,7 @@ class MoeConfig:
     num_warps: int
     num_stages: int
     swap_ab: bool = False
+    weight_prefetch: int = 1  # weight tiles in flight ahead of the one computed (the kernel prefetches by hand)
     # ptxas's register cap per thread (Triton's maxnreg) by GPU generation (compute capability
     # major): fits one more CTA per SM where the compiled cubin still does not spill at the cap.
     max_registers: tuple = ()  # ((major, registers), ...)
@@ -47,6 +48,7 @@ class MoeConfig:
     @property
     def name(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}" + ("swap" if self.swap_ab else "")
+                + (f"p{self.weight_prefetch}" if self.weight_prefetch != 1 else "")
                 + "".join(f"r{registers}sm{major}x" for major, registers in self.max_registers))
 
     def launch_options(self) -> dict:
@@ -93,7 +95,8 @@ class RowConfig:
 # Hopper the 16-row one is capped at 168 registers (no spill there at that cap; sm_100 would
 # spill), so 3 CTAs fit an SM instead of 2.
 MOE_BY_ROWS_PER_EXPERT = {
-    "rows<=16": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True, max_registers=((9, 168),)),
+    "rows<=16": MoeConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3, swap_ab=True, weight_prefetch=2,
+                          max_registers=((9, 128),)),
     "rows<=32": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True),
     "rows<=64": MoeConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3),
     "rows>64": MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),

@@ -108,6 +108,7 @@ def _grouped_mxfp4_matmul_kernel(
     BLOCK_N: tl.constexpr,  # columns of W per tile (SwiGLU halves them on the way out)
     BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # compute the tile as W x X^T: weight columns on the MMA's M side
+    WEIGHT_PREFETCH: tl.constexpr,  # weight tiles loaded ahead of the one computed (1 or 2)
 ):
     block = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -133,20 +134,30 @@ def _grouped_mxfp4_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The weight tile goes through the upcast in registers, which Triton's pipeliner does not
-    # stage (it stages only loads that feed tl.dot: x here), so it is prefetched by hand one
-    # K block ahead: block k0 + BLOCK_K's bytes are in flight while block k0 is computed.
+    # stage (it stages only loads that feed tl.dot: x here), so it is prefetched by hand
+    # WEIGHT_PREFETCH (1 or 2) K blocks ahead: those bytes are in flight while block k0 is computed.
     packed_next = tl.load(w_rows + k_bytes[None, :], mask=col_ok[:, None] & (2 * k_bytes < k_dim)[None, :], other=0)
     scales_next = tl.load(scale_rows + k_groups[None, :], mask=col_ok[:, None] & (32 * k_groups < k_dim)[None, :], other=0)
+    if WEIGHT_PREFETCH == 2:
+        packed_after = tl.load(w_rows + (BLOCK_K // 2 + k_bytes)[None, :],
+                               mask=col_ok[:, None] & (BLOCK_K + 2 * k_bytes < k_dim)[None, :], other=0)
+        scales_after = tl.load(scale_rows + (BLOCK_K // 32 + k_groups)[None, :],
+                               mask=col_ok[:, None] & (BLOCK_K + 32 * k_groups < k_dim)[None, :], other=0)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = k0 + k_values < k_dim  # K need not be a multiple of BLOCK_K (nor of 32)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + (k0 + k_values)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         packed, scales = packed_next, scales_next
-        k1 = k0 + BLOCK_K  # past K on the last block: fully masked, no memory traffic
-        packed_next = tl.load(w_rows + (k1 // 2 + k_bytes)[None, :],
-                              mask=col_ok[:, None] & (k1 + 2 * k_bytes < k_dim)[None, :], other=0)
-        scales_next = tl.load(scale_rows + (k1 // 32 + k_groups)[None, :],
-                              mask=col_ok[:, None] & (k1 + 32 * k_groups < k_dim)[None, :], other=0)
+        k1 = k0 + WEIGHT_PREFETCH * BLOCK_K  # past K on the last blocks: fully masked, no memory traffic
+        packed_ahead = tl.load(w_rows + (k1 // 2 + k_bytes)[None, :],
+                               mask=col_ok[:, None] & (k1 + 2 * k_bytes < k_dim)[None, :], other=0)
+        scales_ahead = tl.load(scale_rows + (k1 // 32 + k_groups)[None, :],
+                               mask=col_ok[:, None] & (k1 + 32 * k_groups < k_dim)[None, :], other=0)
+        if WEIGHT_PREFETCH == 2:
+            packed_next, scales_next = packed_after, scales_after
+            packed_after, scales_after = packed_ahead, scales_ahead
+        else:
+            packed_next, scales_next = packed_ahead, scales_ahead
         # Upcast in registers; values past K are zeroed so checkpoint padding never leaks in.
         w = tl.where(k_ok[None, :], _mxfp4_tile_to_float(packed, scales, BLOCK_N, BLOCK_K), 0.0)
         # Round W to x's dtype first (exact for e2m1 * 2**s), then hand tl.dot its operand dtype.
@@ -197,6 +208,7 @@ def _grouped_mxfp4_matmul(x, blocks, scales, bias, out, plan, route_weights, lim
         DOT_DTYPE=dot_operand_dtype(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # no silent TF32 for float32 inputs
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
+        WEIGHT_PREFETCH=config.weight_prefetch,
         **config.launch_options(),
     )
 
