@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile, whatever the caller's environment says

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ossbatch.kernels.configs import AttentionConfig, attention_config
 from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype, launch
 
 
@@ -207,7 +208,7 @@ def attention_triton(
     sm_scale: float,
     *,
     return_lse: bool = False,
-    config=None,  # a kernels.configs.AttentionConfig; default: the table's for this shape
+    config: AttentionConfig | None = None,  # default: the launch table's for this shape (kernels/configs.py)
 ):
     """Same contract as `attention_torch`; one flash-attention pass, no [Tq, S] scores in memory.
 
@@ -218,8 +219,6 @@ def attention_triton(
     one of them was given the sinks (pass ``torch.full_like(sinks, -inf)`` to the other).
     A row that sees no key and no sink gets ``out = 0`` and ``lse = -inf``.
     """
-    from ossbatch.kernels.configs import attention_config
-
     batch, q_len, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if q_heads % kv_heads:
