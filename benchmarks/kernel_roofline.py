@@ -15,6 +15,7 @@ gpt-oss-120b decode step.
 
 import argparse
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +78,17 @@ def kernel_rows(config: ModelConfig, batch: int, context: int) -> list[Row]:
     ]
 
 
+def attention_roofline(config: ModelConfig, batch: int, q_len: int, context: int, window: int) -> Row:
+    """`batch` sequences of `q_len` new tokens at `context`: the KV they see read once per
+    (sequence, kv head), q and out; FLOPs over the keys each query sees (causal)."""
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    span = min(context, window + q_len - 1) if window else context
+    seen = min(window, context) if window else context - (q_len - 1) / 2
+    bytes_ = batch * span * 2 * hkv * d * BF16 + 2 * batch * q_len * hq * d * BF16
+    name = f"attention window {window}" if window else f"attention ctx {context}"
+    return Row(name, batch * q_len, bytes_, 4 * batch * q_len * hq * d * seen)
+
+
 def decode_step_estimate(config: ModelConfig, batch: int, context: int) -> dict:
     """Bytes and FLOPs of one decode step of the whole model (every sequence at `context`)."""
     parts = weight_bytes_by_part(config)
@@ -106,6 +118,67 @@ def decode_step_estimate(config: ModelConfig, batch: int, context: int) -> dict:
     total = sum(bytes_.values())
     step = max(total / HBM_BYTES_PER_S, flops / BF16_FLOPS)
     return {"bytes": bytes_, "total_bytes": total, "flops": flops, "step_s": step, "tokens_per_s": batch / step}
+
+
+# ----------------------------------------------------------------------------- compiled configurations
+
+# What a kernel can draw from HBM is bounded by the bytes it keeps in flight (Little's law):
+# an SM must have bandwidth x latency / SMs in flight to stream at the peak.
+HBM_LATENCY_S = 800e-9  # loaded DRAM latency assumed for an H100 (measured figures run 600-900 ns)
+H100_SMS = 132
+
+
+def _tile(config_name: str) -> dict:
+    return {key: int(value) for key, value in re.findall(r"([mnkws])(\d+)", config_name.split("swap")[0].split("split")[0])}
+
+
+def hbm_bytes_in_flight_per_cta(kernel: str, config_name: str, head_dim: int = 64) -> int:
+    """HBM bytes one CTA has requested and not yet consumed, from its tile configuration.
+
+    MoE: the weight tiles prefetched 1 or 2 ("p2") K blocks ahead (MXFP4 bytes + e8m0 scales); its
+    activations are a few KB shared by every expert's CTAs, L2-resident.  Attention: K and V
+    tiles of ``stages - 1`` blocks ahead (the pipeliner's cp.async stages).
+    """
+    tile = _tile(config_name)
+    if kernel.startswith("moe"):
+        prefetch = re.search(r"swapp(\d)|s\dp(\d)", config_name)
+        depth = int(next(filter(None, prefetch.groups()))) if prefetch else 1
+        return depth * (tile["n"] * tile["k"] // 2 + tile["n"] * tile["k"] // 32)
+    if kernel.startswith("attention"):
+        return 2 * tile["n"] * head_dim * BF16 * max(tile.get("s", 2) - 1, 1)
+    raise KeyError(kernel)
+
+
+def bandwidth_share(kernel: str, config_name: str, ctas_per_sm: int) -> float:
+    """The share of peak HBM bandwidth the compiled configuration can keep in flight, at most 1."""
+    needed = HBM_BYTES_PER_S * HBM_LATENCY_S / H100_SMS
+    return min(1.0, ctas_per_sm * hbm_bytes_in_flight_per_cta(kernel, config_name) / needed)
+
+
+def compiled_decode_step(config: ModelConfig, batch: int, context: int, compiled: dict) -> dict:
+    """`decode_step_estimate` with the compiled configurations' limits: expert and KV bytes
+    stream at the bandwidth share their kernels keep in flight (from CTAs per SM and tiles),
+    and MoE FLOPs count whole MMAs (rows padded to the MMA's token side, `mma_useful_share`).
+
+    `compiled`: {kernel: table.json row} for this batch's bucket, sm_90 (from gpu_compile.py).
+    """
+    base = decode_step_estimate(config, batch, context)
+    layers = config.num_hidden_layers
+    windowed = sum(1 for layer in range(layers) if config.window(layer))
+    kv_token_layer = 2 * config.num_key_value_heads * config.head_dim * BF16
+    expert_bytes_ = layers * experts_hit(config, batch) * expert_bytes(config)
+    kv_bytes = batch * kv_token_layer * ((layers - windowed) * context + windowed * min(context, config.sliding_window))
+    other = base["total_bytes"] - expert_bytes_ - kv_bytes
+    # Up-projection reads 2/3 of an expert's bytes, down-projection 1/3.
+    moe_share = (2 / 3 * compiled["moe_up_swiglu"]["bandwidth_share"] + 1 / 3 * compiled["moe_down_scatter"]["bandwidth_share"])
+    attention_share = compiled["attention"]["bandwidth_share"]
+    memory_s = (other + expert_bytes_ / moe_share + kv_bytes / attention_share) / HBM_BYTES_PER_S
+    moe_flops = 2 * batch * config.num_experts_per_tok * 3 * config.hidden_size * config.intermediate_size * layers
+    useful = compiled["moe_up_swiglu"].get("mma_useful_share") or 1.0
+    flops = base["flops"] - moe_flops + moe_flops / useful
+    step = max(memory_s, flops / BF16_FLOPS)
+    return dict(base, step_s=step, tokens_per_s=batch / step, moe_bandwidth_share=moe_share,
+                attention_bandwidth_share=attention_share, moe_mma_useful_share=useful)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ossbatch.kernels.mxfp4 import dequantize_mxfp4
 from ossbatch.kernels.routing import RoutingPlan
-from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype
+from ossbatch.kernels.configs import MOE_BY_ROWS_PER_EXPERT, MoeConfig, moe_config, with_block_m
+from ossbatch.kernels.triton_compat import cast_rtne, dot_operand_dtype, launch
 
 SWIGLU_ALPHA = 1.702
 
@@ -106,6 +107,8 @@ def _grouped_mxfp4_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # columns of W per tile (SwiGLU halves them on the way out)
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # compute the tile as W x X^T: weight columns on the MMA's M side
+    WEIGHT_PREFETCH: tl.constexpr,  # weight tiles loaded ahead of the one computed (1 or 2)
 ):
     block = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,20 +129,45 @@ def _grouped_mxfp4_matmul_kernel(
     k_groups = tl.arange(0, BLOCK_K // 32)
     w_rows = w_ptr + expert * stride_w_expert + cols[:, None].to(tl.int64) * stride_w_col
     scale_rows = scale_ptr + expert * stride_scale_expert + cols[:, None].to(tl.int64) * stride_scale_col
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The weight tile goes through the upcast in registers, which Triton's pipeliner does not
+    # stage (it stages only loads that feed tl.dot: x here), so it is prefetched by hand
+    # WEIGHT_PREFETCH (1 or 2) K blocks ahead: those bytes are in flight while block k0 is computed.
+    packed_next = tl.load(w_rows + k_bytes[None, :], mask=col_ok[:, None] & (2 * k_bytes < k_dim)[None, :], other=0)
+    scales_next = tl.load(scale_rows + k_groups[None, :], mask=col_ok[:, None] & (32 * k_groups < k_dim)[None, :], other=0)
+    if WEIGHT_PREFETCH == 2:
+        packed_after = tl.load(w_rows + (BLOCK_K // 2 + k_bytes)[None, :],
+                               mask=col_ok[:, None] & (BLOCK_K + 2 * k_bytes < k_dim)[None, :], other=0)
+        scales_after = tl.load(scale_rows + (BLOCK_K // 32 + k_groups)[None, :],
+                               mask=col_ok[:, None] & (BLOCK_K + 32 * k_groups < k_dim)[None, :], other=0)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = k0 + k_values < k_dim  # K need not be a multiple of BLOCK_K (nor of 32)
         x = tl.load(x_ptr + rows[:, None] * stride_x_row + (k0 + k_values)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        packed = tl.load(w_rows + (k0 // 2 + k_bytes)[None, :],
-                         mask=col_ok[:, None] & (k0 + 2 * k_bytes < k_dim)[None, :], other=0)
-        scales = tl.load(scale_rows + (k0 // 32 + k_groups)[None, :],
-                         mask=col_ok[:, None] & (k0 + 32 * k_groups < k_dim)[None, :], other=0)
+        packed, scales = packed_next, scales_next
+        k1 = k0 + WEIGHT_PREFETCH * BLOCK_K  # past K on the last blocks: fully masked, no memory traffic
+        packed_ahead = tl.load(w_rows + (k1 // 2 + k_bytes)[None, :],
+                               mask=col_ok[:, None] & (k1 + 2 * k_bytes < k_dim)[None, :], other=0)
+        scales_ahead = tl.load(scale_rows + (k1 // 32 + k_groups)[None, :],
+                               mask=col_ok[:, None] & (k1 + 32 * k_groups < k_dim)[None, :], other=0)
+        if WEIGHT_PREFETCH == 2:
+            packed_next, scales_next = packed_after, scales_after
+            packed_after, scales_after = packed_ahead, scales_ahead
+        else:
+            packed_next, scales_next = packed_ahead, scales_ahead
         # Upcast in registers; values past K are zeroed so checkpoint padding never leaks in.
         w = tl.where(k_ok[None, :], _mxfp4_tile_to_float(packed, scales, BLOCK_N, BLOCK_K), 0.0)
         # Round W to x's dtype first (exact for e2m1 * 2**s), then hand tl.dot its operand dtype.
         w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
-        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     acc += tl.load(bias_ptr + expert * stride_bias_expert + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
@@ -157,15 +185,17 @@ def _grouped_mxfp4_matmul_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-MOE_BLOCK_N = 64
-MOE_BLOCK_K = 64
+# The smallest reduction block any configuration in the table uses (tests keep K off its multiples).
+MOE_BLOCK_K = min(config.block_k for config in MOE_BY_ROWS_PER_EXPERT.values())
 
 
-def _grouped_mxfp4_matmul(x, blocks, scales, bias, out, plan, route_weights, limit, *, gather_rows, swiglu, scatter):
+def _grouped_mxfp4_matmul(x, blocks, scales, bias, out, plan, route_weights, limit, config: MoeConfig, *,
+                          gather_rows, swiglu, scatter):
     n_cols = blocks.shape[1]
     packed = blocks.reshape(blocks.shape[0], n_cols, -1)  # [E, N, G * 16]: the bytes along K are contiguous
-    grid = (plan.block_expert.numel(), triton.cdiv(n_cols, MOE_BLOCK_N))
-    _grouped_mxfp4_matmul_kernel[grid](
+    grid = (plan.block_expert.numel(), triton.cdiv(n_cols, config.block_n))
+    launch(
+        _grouped_mxfp4_matmul_kernel, grid,
         x, x.stride(0),
         packed, packed.stride(0), packed.stride(1),
         scales, scales.stride(0), scales.stride(1),
@@ -177,7 +207,9 @@ def _grouped_mxfp4_matmul(x, blocks, scales, bias, out, plan, route_weights, lim
         TOP_K=plan.top_k, GATHER_ROWS=gather_rows, SWIGLU=swiglu, SCATTER_WEIGHTED=scatter,
         DOT_DTYPE=dot_operand_dtype(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # no silent TF32 for float32 inputs
-        BLOCK_M=plan.block_m, BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
+        WEIGHT_PREFETCH=config.weight_prefetch,
+        **config.launch_options(),
     )
 
 
@@ -192,12 +224,15 @@ def moe_triton(
     w2_scales: torch.Tensor,  # [E, H, ceil(I/32)]
     b2: torch.Tensor,  # [E, H]
     limit: float,
+    *,
+    config: MoeConfig | None = None,  # default: the launch table's for this many tokens (kernels/configs.py)
 ) -> torch.Tensor:
     """Same contract as `moe_torch`; two grouped-GEMM launches and a k-way sum."""
     tokens, hidden = x.shape
     top_k, intermediate = plan.top_k, w1_blocks.shape[1] // 2
     if plan.block_m < 16 or plan.block_m & (plan.block_m - 1):
         raise ValueError(f"moe_triton needs a plan with a power-of-two block_m >= 16, got {plan.block_m}")
+    config = with_block_m(config or moe_config(tokens, top_k, w1_blocks.shape[0]), plan.block_m)
     x = x.contiguous()
     w1_blocks, w1_scales, w2_blocks, w2_scales = (t.contiguous() for t in (w1_blocks, w1_scales, w2_blocks, w2_scales))
     b1, b2 = b1.contiguous(), b2.contiguous()
@@ -205,9 +240,9 @@ def moe_triton(
     activated = torch.empty(tokens * top_k, intermediate, dtype=x.dtype, device=x.device)  # expert-sorted order
     per_slot = torch.empty(tokens * top_k, hidden, dtype=torch.float32, device=x.device)  # slot order
     if plan.block_expert.numel():
-        _grouped_mxfp4_matmul(x, w1_blocks, w1_scales, b1, activated, plan, route_weights, limit,
+        _grouped_mxfp4_matmul(x, w1_blocks, w1_scales, b1, activated, plan, route_weights, limit, config,
                               gather_rows=True, swiglu=True, scatter=False)
-        _grouped_mxfp4_matmul(activated, w2_blocks, w2_scales, b2, per_slot, plan, route_weights, limit,
+        _grouped_mxfp4_matmul(activated, w2_blocks, w2_scales, b2, per_slot, plan, route_weights, limit, config,
                               gather_rows=False, swiglu=False, scatter=True)
     # Every slot was written exactly once, so a fixed-order sum over k replaces atomics.
     return per_slot.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)

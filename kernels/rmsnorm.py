@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ossbatch.kernels.triton_compat import cast_rtne
+from ossbatch.kernels.configs import RMSNORM
+from ossbatch.kernels.triton_compat import cast_rtne, launch
 
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -43,8 +44,9 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        _rmsnorm_kernel[(rows.shape[0],)](
+        launch(
+            _rmsnorm_kernel, (rows.shape[0],),
             rows, weight.contiguous(), out, rows.stride(0), out.stride(0), hidden, eps,
-            BLOCK_N=triton.next_power_of_2(hidden),
+            BLOCK_N=triton.next_power_of_2(hidden), num_warps=RMSNORM.num_warps,
         )
     return out.reshape(x.shape)

@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ossbatch.kernels.configs import ROUTE, moe_block_m
+from ossbatch.kernels.triton_compat import launch
+
 
 def route_torch(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[T, E]`` logits -> (weights ``[T, k]`` float32, experts ``[T, k]`` int64)."""
@@ -39,8 +42,11 @@ class RoutingPlan:
         return self.slot_order // self.top_k
 
 
-def plan_routing_torch(experts: torch.Tensor, num_experts: int, block_m: int = 16) -> RoutingPlan:
+def plan_routing_torch(experts: torch.Tensor, num_experts: int, block_m: int | None = None) -> RoutingPlan:
+    """`block_m` rows per block; by default the launch table's for this many tokens (kernels/configs.py)."""
     k = experts.shape[-1]
+    if block_m is None:
+        block_m = moe_block_m(experts.numel() // max(k, 1), k, num_experts)
     flat = experts.reshape(-1)
     slot_order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
@@ -116,11 +122,12 @@ def route_triton(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(n_tokens, k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(n_tokens, k, dtype=torch.int64, device=logits.device)
-    block_t = 16
+    block_t = ROUTE.block_rows
     if n_tokens:
-        _route_kernel[(triton.cdiv(n_tokens, block_t),)](
+        launch(
+            _route_kernel, (triton.cdiv(n_tokens, block_t),),
             logits, weights, experts, n_tokens, n_experts, logits.stride(0),
             TOP_K=k, BLOCK_T=block_t,
-            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(k),
+            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(k), num_warps=ROUTE.num_warps,
         )
     return weights, experts

@@ -38,3 +38,36 @@ def cast_rtne(x, dtype: tl.constexpr):
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# Launch capture: `benchmarks/gpu_compile.py` runs the real launchers on meta tensors with
+# this set, so it compiles the very arguments, constexprs, warps and stages they would launch.
+_captured_launches: list | None = None
+
+
+def launch(kernel, grid, *args, options_by_arch: dict | None = None, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or recorded as (kernel, grid, args, kwargs) while capturing.
+
+    `options_by_arch` maps a compute capability major (9: Hopper) to extra compile options
+    for that generation only; while capturing it is kept under the "options_by_arch" key.
+    """
+    if _captured_launches is not None:
+        _captured_launches.append((kernel, grid, args, dict(kwargs, options_by_arch=options_by_arch or {})))
+        return
+    if options_by_arch and not triton.knobs.runtime.interpret:
+        major = torch.cuda.get_device_capability(args[0].device)[0]
+        kwargs.update(options_by_arch.get(major, {}))
+    kernel[grid](*args, **kwargs)
+
+
+class capture_launches:
+    """``with capture_launches() as launches: moe_triton(...)``: record the launches instead of running them."""
+
+    def __enter__(self) -> list:
+        global _captured_launches
+        self._saved, _captured_launches = _captured_launches, []
+        return _captured_launches
+
+    def __exit__(self, *exc) -> None:
+        global _captured_launches
+        _captured_launches = self._saved

@@ -66,3 +66,57 @@ def test_attention_sinks_are_in_the_denominator(device):
     base = attention_triton(q, k_cache, v_cache, sinks, positions, kv_len, 0, 0.25)
     drowned = attention_triton(q, k_cache, v_cache, sinks + 30, positions, kv_len, 0, 0.25)
     assert drowned.abs().max() < 1e-6 < base.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5], ids=["full", "window"])
+@pytest.mark.parametrize("q_len", [1, 7], ids=["decode", "prefill"])
+def test_attention_lse_matches_reference(q_len, window, dtype, device, assert_matches):
+    args = make_inputs(q_len, q_heads=8, kv_heads=2, head_dim=16, dtype=dtype, device=device)
+    out, lse = attention_triton(*args, window, 0.25, return_lse=True)
+    ref_out, ref_lse = attention_torch(*args, window, 0.25, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == args[0].shape[:3]
+    assert torch.equal(out, attention_triton(*args, window, 0.25)), "return_lse must not change the output"
+    assert_matches(out, ref_out)
+    # The sink is in the denominator: the row with no keys has lse == its head's sink.
+    sinks = args[3]
+    assert torch.allclose(lse[3], sinks.expand_as(lse[3]), atol=1e-6)
+    assert (lse - ref_lse).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_kv_decode_matches_reference(splits, dtype, device, assert_matches):
+    from ossbatch.kernels.configs import AttentionConfig
+
+    config = AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, num_splits=splits)
+    args = make_inputs(1, q_heads=8, kv_heads=2, head_dim=16, dtype=dtype, device=device)
+    for window in (0, 5):
+        out, lse = attention_triton(*args, window, 0.25, return_lse=True, config=config)
+        ref_out, ref_lse = attention_torch(*args, window, 0.25, return_lse=True)
+        assert_matches(out, ref_out)
+        assert (lse - ref_lse).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2)
+        assert out[3].abs().max() == 0
+
+
+def test_cascade_merge_over_a_shared_prefix_equals_full_attention(device, assert_matches):
+    """Keys [0, 16) (a shared prefix) and [16, kv_len) attended apart, the sink given to one part only,
+    then merged by their log-sum-exps: the same as attending over all keys at once."""
+    from ossbatch.kernels.attention import merge_attention
+
+    q, k_cache, v_cache, sinks, positions, kv_len = make_inputs(1, 8, 2, 16, torch.float32, device)
+    prefix = 16
+    full = attention_triton(q, k_cache, v_cache, sinks, positions, kv_len, 0, 0.25)
+    # Prefix part: the first 16 keys, every row sees all of them (kv_len capped at the prefix).
+    prefix_out, prefix_lse = attention_triton(q, k_cache, v_cache, sinks, positions, kv_len.clamp(max=prefix), 0, 0.25,
+                                              return_lse=True)
+    # Suffix part: the cache from position 16 on, positions shifted to match; no sink here.
+    no_sink = torch.full_like(sinks, float("-inf"))
+    suffix_out, suffix_lse = attention_triton(q, k_cache[:, prefix:], v_cache[:, prefix:], no_sink,
+                                              (positions - prefix).clamp(min=-1), (kv_len - prefix).clamp(min=0), 0, 0.25,
+                                              return_lse=True)
+    merged, _ = merge_attention(torch.stack([prefix_out, suffix_out]), torch.stack([prefix_lse, suffix_lse]))
+    assert_matches(merged, full)
+    _, ref_lse = attention_torch(q, k_cache, v_cache, sinks, positions, kv_len, 0, 0.25, return_lse=True)
+    _, merged_lse = merge_attention(torch.stack([prefix_out, suffix_out]), torch.stack([prefix_lse, suffix_lse]))
+    assert torch.allclose(merged_lse, ref_lse, atol=1e-4)
