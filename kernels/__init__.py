@@ -5,6 +5,7 @@ the CPU path; attention through torch's fused SDPA) or "triton" (GPU, or the CPU
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 BACKENDS = ("torch", "triton")
@@ -23,21 +24,21 @@ class Ops:
 
 def ops(backend: str) -> Ops:
     if backend == "torch":
-        from ossbatch.kernels.attention import attention_sdpa
-        from ossbatch.kernels.cascade import attention_lse_torch, merge_attention_torch
+        from ossbatch.kernels.attention import attention_sdpa, attention_torch
+        from ossbatch.kernels.cascade import merge_attention_torch
         from ossbatch.kernels.moe import moe_torch
         from ossbatch.kernels.rmsnorm import rmsnorm_torch
         from ossbatch.kernels.routing import plan_routing_torch, route_torch
 
-        return Ops(rmsnorm_torch, route_torch, plan_routing_torch, moe_torch, attention_sdpa, attention_lse_torch, merge_attention_torch)
+        return Ops(rmsnorm_torch, route_torch, plan_routing_torch, moe_torch, attention_sdpa,
+                   partial(attention_torch, return_lse=True), merge_attention_torch)
     if backend == "triton":
         from ossbatch.kernels.attention import attention_triton
-        from ossbatch.kernels.cascade import attention_lse_torch, merge_attention_triton
+        from ossbatch.kernels.cascade import merge_attention_triton
         from ossbatch.kernels.moe import moe_triton
         from ossbatch.kernels.rmsnorm import rmsnorm_triton
         from ossbatch.kernels.routing import plan_routing_torch, route_triton
 
-        # attention_lse: the torch pass until kernels/attention.py's Triton kernel returns its log-sum-exp.
-        return Ops(rmsnorm_triton, route_triton, plan_routing_torch, moe_triton, attention_triton, attention_lse_torch,
-                   merge_attention_triton)
+        return Ops(rmsnorm_triton, route_triton, plan_routing_torch, moe_triton, attention_triton,
+                   partial(attention_triton, return_lse=True), merge_attention_triton)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -15,54 +15,19 @@ counted once: the own-KV pass includes it, the prefix pass gets ``NO_SINK``, a
 logit so low that its weight is exactly 0 but a query that sees no prefix key
 (a windowed layer, far past the prefix) still has a finite ``lse`` and output 0.
 
-`attention_lse_torch` is the torch pass (the reference's arithmetic, with the
-``lse`` it already computes returned); `merge_attention_torch` /
-`merge_attention_triton` merge two states.
+Each pass is `kernels.attention`'s attention with ``return_lse=True`` (the torch
+reference or the Triton kernel); `merge_attention_torch` (the split-KV merge of
+`kernels.attention`, for two states) and `merge_attention_triton` merge two states.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ossbatch.kernels.attention import merge_attention
 from ossbatch.kernels.triton_compat import cast_rtne
 
 NO_SINK = -1.0e30  # a sink logit whose weight exp(NO_SINK - lse) is 0 in float32
-
-
-def attention_lse_torch(
-    q: torch.Tensor,  # [B, Tq, Hq, D]
-    k_cache: torch.Tensor,  # [B, S, Hkv, D]
-    v_cache: torch.Tensor,  # [B, S, Hkv, D]
-    sinks: torch.Tensor,  # [Hq]; NO_SINK to leave the sink out
-    q_positions: torch.Tensor,  # [B, Tq] int64, in the cache's index space
-    kv_len: torch.Tensor,  # [B] int64
-    sliding_window: int,  # 0: full attention
-    sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.attention.attention_torch`'s contract, also returning the float32 log-sum-exp
-    ``[B, Tq, Hq]`` of each query's scores and sink (the softmax's log-normaliser)."""
-    batch, q_len, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    group = q_heads // kv_heads
-    span = max(int(kv_len.max()), 1) if kv_len.numel() else 1
-    keys, values = k_cache[:, :span], v_cache[:, :span]
-    qg = q.reshape(batch, q_len, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q_rows = qg.reshape(batch, kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(q_rows, keys.permute(0, 2, 3, 1)).view(batch, kv_heads, group, q_len, span) * sm_scale
-
-    key_pos = torch.arange(span, device=q.device)
-    visible = (key_pos[None, None, :] <= q_positions[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
-    if sliding_window:
-        visible &= key_pos[None, None, :] > q_positions[:, :, None] - sliding_window
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-
-    sink = sinks.float().reshape(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
-    logits = torch.cat([scores.float(), sink], dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, g, Tq]
-    probs = torch.exp(logits[..., :-1] - lse[..., None]).to(q.dtype)
-    out = torch.matmul(probs.reshape(batch, kv_heads, group * q_len, span), values.permute(0, 2, 1, 3))
-    out = out.view(batch, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, q_len, q_heads, head_dim)
-    return out, lse.permute(0, 3, 1, 2).reshape(batch, q_len, q_heads)
 
 
 def merge_attention_torch(
@@ -72,8 +37,7 @@ def merge_attention_torch(
     lse_b: torch.Tensor,  # [N, H] float32
 ) -> torch.Tensor:
     """Two attention states over disjoint keys, merged into attention over all of them."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    merged = out_a.float() * torch.exp(lse_a - lse)[..., None] + out_b.float() * torch.exp(lse_b - lse)[..., None]
+    merged, _ = merge_attention(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
     return merged.to(out_a.dtype)
 
 

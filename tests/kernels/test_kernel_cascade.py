@@ -15,6 +15,11 @@ cascade = importlib.reload(sys.modules["ossbatch.kernels.cascade"])
 from ossbatch.kernels.attention import attention_torch  # noqa: E402
 
 
+def attention_lse(*args):
+    """Attention with its log-sum-exp: the pass cascade attention runs twice."""
+    return attention_torch(*args, return_lse=True)
+
+
 def _inputs(q_len: int, prefix_len: int, own_len: list[int], dtype=torch.float32, heads=(8, 2), head_dim=16):
     gen = torch.Generator().manual_seed(q_len * 100 + prefix_len)
     q_heads, kv_heads = heads
@@ -39,10 +44,10 @@ def _concatenated(q, prefix_k, prefix_v, own_k, own_v, sinks, own_positions, own
 def _cascade(q, prefix_k, prefix_v, own_k, own_v, sinks, own_positions, own_len, window, merge):
     batch, q_len, q_heads, head_dim = q.shape
     prefix_len = prefix_k.shape[0]
-    own, own_lse = cascade.attention_lse_torch(q, own_k, own_v, sinks, own_positions, own_len, window, 0.25)
+    own, own_lse = attention_lse(q, own_k, own_v, sinks, own_positions, own_len, window, 0.25)
     # Every row's queries in one prefix pass: the block is read once for all of them.
     folded = q.reshape(1, batch * q_len, q_heads, head_dim)
-    shared, shared_lse = cascade.attention_lse_torch(
+    shared, shared_lse = attention_lse(
         folded, prefix_k[None], prefix_v[None], torch.full_like(sinks, cascade.NO_SINK),
         (own_positions + prefix_len).reshape(1, -1), torch.tensor([prefix_len]), window, 0.25)
     flat = lambda t: t.reshape(batch * q_len, *t.shape[2:])  # noqa: E731
@@ -62,8 +67,8 @@ def test_sink_counted_once():
     """With the prefix pass given the sink too, the merge would count it twice and the output shrink."""
     args = _inputs(1, prefix_len=7, own_len=[4, 3])
     q, prefix_k, prefix_v, own_k, own_v, sinks, own_positions, own_len = args
-    own, own_lse = cascade.attention_lse_torch(q, own_k, own_v, sinks, own_positions, own_len, 0, 0.25)
-    twice, twice_lse = cascade.attention_lse_torch(q, prefix_k[None].expand(2, -1, -1, -1), prefix_v[None].expand(2, -1, -1, -1),
+    own, own_lse = attention_lse(q, own_k, own_v, sinks, own_positions, own_len, 0, 0.25)
+    twice, twice_lse = attention_lse(q, prefix_k[None].expand(2, -1, -1, -1), prefix_v[None].expand(2, -1, -1, -1),
                                                    sinks, own_positions + 7, torch.tensor([7, 7]), 0, 0.25)
     wrong = cascade.merge_attention_torch(own[:, 0], own_lse[:, 0], twice[:, 0], twice_lse[:, 0])
     expected = _concatenated(*args, 0)[:, 0]
@@ -83,7 +88,7 @@ def test_attention_lse_matches_reference_output():
     args = _inputs(3, prefix_len=4, own_len=[6, 3, 5])
     q, _, _, own_k, own_v, sinks, positions, own_len = args
     for window in (0, 2):
-        out, lse = cascade.attention_lse_torch(q, own_k, own_v, sinks, positions, own_len, window, 0.25)
+        out, lse = attention_lse(q, own_k, own_v, sinks, positions, own_len, window, 0.25)
         torch.testing.assert_close(out, attention_torch(q, own_k, own_v, sinks, positions, own_len, window, 0.25), rtol=1e-5, atol=1e-6)
         assert lse.shape == q.shape[:3] and torch.isfinite(lse).all()
 
