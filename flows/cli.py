@@ -7,7 +7,11 @@
     ossbatch eval --gold-column answer [--grading choice|exact] [--price-per-million-tokens IN OUT]
     ossbatch serve | deploy [--prefect-file prefect.yaml]   (the nightly deployments)
     ossbatch plan --model DIR --gpu-memory 80GiB --max-context N
-    ossbatch inspect OUTPUT
+    ossbatch inspect OUTPUT [--json]
+    ossbatch report OUTPUT                                  (the job's charts as one HTML page)
+
+Every job command (run, label, synth, eval) takes --orchestrator prefect|none. Exit status: 0 ok,
+1 a job failed, 2 a usage error (one line on stderr, before Prefect is imported).
 """
 
 import argparse
@@ -150,21 +154,9 @@ def cmd_run(args) -> int:
 
         batch_inference(job, quiet=args.quiet)
     else:
-        from ossbatch.flows.progress import Progress
-        from ossbatch.pipeline.driver import job_spec, run_job
-        from ossbatch.pipeline.infer import ShardInferencer
+        from ossbatch.flows.plain import run_job_plain
 
-        progress: list[Progress] = []
-
-        def report(event: dict) -> None:
-            if event["event"] == "planned":
-                progress.append(Progress(event["rows"], event["shards"], event["pending"], quiet=args.quiet))
-            else:
-                progress[0].committed(event["marker"])
-
-        # The model loads on the first pending shard, not for a job that is already complete.
-        manifest = run_job(job_spec(job), ShardInferencer(job), report)
-        progress[0].close(manifest)
+        run_job_plain(job, quiet=args.quiet)
     if not args.quiet:
         from ossbatch.pipeline.inspect import format_manifest
 
@@ -172,40 +164,51 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _nightly(args, job: str):
+    """The nightly job's function: its Prefect flow, or (``--orchestrator none``) its plain body."""
+    if args.orchestrator == "none":
+        import functools
+
+        from ossbatch.flows import derived
+
+        body = {"label": derived.label, "synth": derived.synth, "eval": derived.evaluate}[job]
+        return functools.partial(body, derived.Plain())
+    from ossbatch.flows import nightly
+
+    return {"label": nightly.label_job, "synth": nightly.synth_job, "eval": nightly.eval_job}[job]
+
+
 def cmd_label(args) -> int:
     labels = args.labels if args.labels else _read_json_file("--labels-file", args.labels_file)
     _preflight(args.model, args.input, args.storage)
-    from ossbatch.flows.nightly import label_job
-
-    summary = label_job(args.model, args.input, args.output, labels, gold_column=args.gold_column,
-                        label_field=args.label_field, name=args.name, options=_job_options(args), quiet=args.quiet)
+    summary = _nightly(args, "label")(args.model, args.input, args.output, labels, gold_column=args.gold_column,
+                                      label_field=args.label_field, name=args.name, options=_job_options(args),
+                                      quiet=args.quiet)
     if not args.quiet:
         print(f"{summary['labeled']} of {summary['rows']} rows labeled -> {summary['labels']}")
         if summary["confusion"]:
             print(f"confusion table -> {summary['confusion']}")
         print(summary["table"])
+        print(f"report -> {summary['report_html']}")
     return 0
 
 
 def cmd_synth(args) -> int:
     schema = _read_json_file("--schema", args.schema) if args.schema else None
     _preflight(args.model, args.input, args.storage)
-    from ossbatch.flows.nightly import synth_job
-
-    summary = synth_job(args.model, args.input, args.output, n=args.n, dedupe=args.dedupe, answer_schema=schema,
-                        options=_job_options(args), quiet=args.quiet)
+    summary = _nightly(args, "synth")(args.model, args.input, args.output, n=args.n, dedupe=args.dedupe,
+                                      answer_schema=schema, options=_job_options(args), quiet=args.quiet)
     if not args.quiet:
         dropped = f", {summary['duplicates']} duplicate answers dropped" if args.dedupe else ""
         print(f"{summary['rows']} rows x {args.n} samples: {summary['kept']} kept{dropped} -> {summary['samples']}")
+        print(f"report -> {summary['report_html']}")
     return 0
 
 
 def cmd_eval(args) -> int:
     schema = _read_json_file("--schema", args.schema) if args.schema else None
     _preflight(args.model, args.input, args.storage)
-    from ossbatch.flows.nightly import eval_job
-
-    summary = eval_job(
+    summary = _nightly(args, "eval")(
         args.model, args.input, args.output, gold_column=args.gold_column, grading_rule=args.grading,
         answer_field=args.answer_field, choices=args.choices, category_column=args.category_column or None,
         name=args.name, history=args.history, answer_schema=schema,
@@ -213,7 +216,14 @@ def cmd_eval(args) -> int:
     )
     if not args.quiet:
         print(summary["report"])
-        print(f"\ngraded rows -> {summary['graded']}\nsummary -> {summary['summary']}")
+        print(f"\ngraded rows -> {summary['graded']}\nsummary -> {summary['summary']}\nreport -> {summary['report_html']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ossbatch.flows.report import write_report
+
+    print(write_report(args.output, args.storage))
     return 0
 
 
@@ -307,6 +317,9 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--ray-workers", type=_positive_int("--ray-workers"),
                    help="Ray actors, each loading the model once (default: one per GPU, else one per node)")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors (for cron)")
+    p.add_argument("--orchestrator", choices=["prefect", "none"], default="prefect",
+                   help="prefect: a Prefect flow (a task per shard; reports to PREFECT_API_URL when set, else to a "
+                        "temporary local server); none: the same stages in a plain loop, no Prefect")
 
 
 def build_parser() -> Parser:
@@ -352,8 +365,6 @@ def build_parser() -> Parser:
     run.add_argument("--schema", help="a JSON Schema file every row's final answer must follow")
     run.add_argument("--keep-token-ids", action="store_true", help="add prompt_token_ids and output_token_ids columns")
     run.add_argument("--logprobs", action="store_true", help="add output_logprobs: each generated token's log-probability")
-    run.add_argument("--orchestrator", choices=["prefect", "none"], default="prefect",
-                     help="prefect: a Prefect flow with a task per shard; none: the same stages in a plain loop")
     run.set_defaults(func=cmd_run)
 
     derived = "output root: job/ holds the batch job, {what} beside it; {{date}} becomes the run's date"
@@ -451,6 +462,17 @@ def build_parser() -> Parser:
     inspect.add_argument("--failures", type=int, default=5, help="example rows to show per status (error, length)")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON (for scripts)")
     inspect.set_defaults(func=cmd_inspect)
+
+    report = sub.add_parser("report", help="write a job's HTML report (charts) beside its results",
+                            description="Write one self-contained HTML page with a finished job's charts beside its "
+                                        "results: _report.html in a run's folder, report.html in a label, synth or "
+                                        "eval output root. Prints its path.",
+                            epilog=_examples("ossbatch report demo/out", "ossbatch report out/nightly/eval/2026-11-30",
+                                             "ossbatch report s3://bucket/out --storage-options '{\"anon\": false}'"))
+    report.add_argument("output", help="a job's output directory, or a label/synth/eval output root")
+    report.add_argument("--storage-options", dest="storage", type=_storage_flag, default=LOCAL,
+                        help="fsspec options as JSON (default: none)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -75,7 +75,7 @@ def _gather_derived(data: ReportData, storage: Storage) -> None:
     summary = join(root, "eval.json")
     if storage.exists(summary):
         data.eval_summary = storage.read_json(summary)
-        from ossbatch.flows.nightly import default_history
+        from ossbatch.flows.derived import default_history
 
         history = data.eval_summary.get("history") or default_history(data.root, data.eval_summary["eval"])
         data.history = read_json_lines(history, storage)

@@ -495,7 +495,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         "tokens": tokens,
         "batches": sum(m["batches"] for m in ordered),
         "shards": [{"shard": m["shard"], "rows": m["rows"], "tokens": m["tokens"], "seconds": m["seconds"],
-                    "worker": m["worker"]} for m in ordered],
+                    "worker": m["worker"], "committed_at": m["committed_at"]} for m in ordered],
         "wall_seconds": float(wall_seconds),
         "engine_seconds": engine_seconds,
         "shard_seconds": sum(m["seconds"] for m in ordered),

@@ -4,25 +4,12 @@ usage error)."""
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ossbatch.flows.cli import build_parser, main
-
-ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-
-
-def ossbatch(*args, cwd=None, code=None):
-    """The command line in a fresh process, as a user runs it."""
-    prelude = code or ""
-    script = f"import sys\n{prelude}\nfrom ossbatch.flows.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=600)
-
+from flow_helpers import NO_PREFECT, ossbatch
 
 def _subparsers():
     parser = build_parser()
@@ -74,12 +61,9 @@ def test_usage_errors_exit_2_in_one_line_before_prefect(tiny_model_dir, tmp_path
         (["run", "--model", tmp_path / "nomodel", "--input", "x", "--output", tmp_path / "o"], "does not exist"),
     ]
     # Prefect would print a traceback (and take seconds to start): it must not even be imported.
-    guard = "import builtins\n_real = builtins.__import__\n" \
-            "def _no_prefect(name, *a, **k):\n    assert not name.startswith('prefect'), 'prefect imported'\n" \
-            "    return _real(name, *a, **k)\nbuiltins.__import__ = _no_prefect"
     for argv, words in cases:
         started = time.monotonic()
-        proc = ossbatch(*argv, code=guard)
+        proc = ossbatch(*argv, code=NO_PREFECT)
         took = time.monotonic() - started
         assert proc.returncode == 2, (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
