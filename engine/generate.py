@@ -11,7 +11,7 @@ the model runs the forward pass.
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -80,6 +80,7 @@ def generate(
     logprobs: bool = False,
     prefill_groups: list[list[int]] | None = None,
     slots: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -93,6 +94,9 @@ def generate(
     stays full while rows finish at different lengths. Rows wait until at
     least an eighth of the slots are free (or nothing else is decoding), so
     each refill prefill is a batch, not a row.
+
+    `on_step(rows_finished, tokens)`, if given, hears after every step how many rows stopped and
+    how many tokens were generated in it (for live progress).
     """
     started = time.perf_counter()
     batch = len(prompts)
@@ -196,6 +200,8 @@ def generate(
         # Rows still generating decode next step, in slot order (Step.build wants sorted cache rows).
         decoding = live[~ended]
         decoding = decoding[torch.argsort(slot_of[decoding])]
+        if on_step is not None:
+            on_step(int(ended.sum()), live.numel())
         if not decoding.numel() and not waiting:
             break
 

@@ -20,10 +20,12 @@ import json
 import re
 import sys
 import typing
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ossbatch.engine.config import CheckpointError
 from ossbatch.flows.environment import prepare_environment
+from ossbatch.flows.progress import DEFAULT_INTERVAL
 from ossbatch.pipeline.config import EngineOptions, Job, JobOptions, PipelineOptions, RunnerOptions, SamplingOptions
 from ossbatch.pipeline.storage import LOCAL, InputError, Storage
 
@@ -93,6 +95,19 @@ def _positive_int(flag: str):
     return parse
 
 
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
+        return value
+
+    return parse
+
+
 def _read_json_file(flag: str, path: str):
     try:
         return json.loads(Path(path).read_text())
@@ -144,19 +159,39 @@ def _preflight(model: str, inputs: list[str], storage: Storage) -> None:
     expand_inputs(inputs, storage)
 
 
+def _start_prefect(model: str, options: JobOptions, job_output: str, flows_module: str) -> None:
+    """Starts Prefect's temporary server (unless PREFECT_API_URL names one), then imports the
+    flows (and Prefect) and loads the model while it starts: the flow needs all three, and the
+    waits overlap. A finished job loads no model."""
+    import importlib
+
+    from ossbatch.flows.server import start_in_background
+    from ossbatch.pipeline.job import read_manifest
+
+    server = start_in_background()
+    importlib.import_module(flows_module)
+    if read_manifest(job_output, options.storage) is None:
+        from ossbatch.pipeline.infer import load_engine
+
+        load_engine(options.engine(model))  # cached: the flow's shards find it loaded
+    if server is not None:
+        server.wait()
+
+
 def cmd_run(args) -> int:
     job = Job(model=args.model, inputs=args.input, output=args.output, options=_job_options(args))
     if job.options.runner != "local" and args.orchestrator == "none":
         raise InputError("--runner ray needs --orchestrator prefect (shards are Prefect tasks)")
     _preflight(job.model, job.inputs, job.storage)
     if args.orchestrator == "prefect":
+        _start_prefect(job.model, job.options, job.output, "ossbatch.flows.batch")
         from ossbatch.flows.batch import batch_inference
 
-        batch_inference(job, quiet=args.quiet)
+        batch_inference(job, quiet=args.quiet, progress_seconds=args.progress_seconds)
     else:
         from ossbatch.flows.plain import run_job_plain
 
-        run_job_plain(job, quiet=args.quiet)
+        run_job_plain(job, quiet=args.quiet, progress_seconds=args.progress_seconds)
     if not args.quiet:
         from ossbatch.pipeline.inspect import format_manifest
 
@@ -166,16 +201,21 @@ def cmd_run(args) -> int:
 
 def _nightly(args, job: str):
     """The nightly job's function: its Prefect flow, or (``--orchestrator none``) its plain body."""
-    if args.orchestrator == "none":
-        import functools
+    import functools
 
+    if args.orchestrator == "none":
         from ossbatch.flows import derived
 
         body = {"label": derived.label, "synth": derived.synth, "eval": derived.evaluate}[job]
-        return functools.partial(body, derived.Plain())
+        return functools.partial(body, derived.Plain(args.progress_seconds))
+    from ossbatch.flows.jobs import job_dir, resolve_output
+
+    today = datetime.now(timezone.utc).date()  # a command's run is scheduled now
+    _start_prefect(args.model, _job_options(args), job_dir(resolve_output(args.output, today)), "ossbatch.flows.nightly")
     from ossbatch.flows import nightly
 
-    return {"label": nightly.label_job, "synth": nightly.synth_job, "eval": nightly.eval_job}[job]
+    flow = {"label": nightly.label_job, "synth": nightly.synth_job, "eval": nightly.eval_job}[job]
+    return functools.partial(flow, progress_seconds=args.progress_seconds)
 
 
 def cmd_label(args) -> int:
@@ -317,6 +357,9 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--ray-workers", type=_positive_int("--ray-workers"),
                    help="Ray actors, each loading the model once (default: one per GPU, else one per node)")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors (for cron)")
+    p.add_argument("--progress-seconds", type=_positive_float("--progress-seconds"), default=DEFAULT_INTERVAL,
+                   help="seconds between progress lines when stderr is not a terminal (cron, logs); a terminal "
+                        "shows a live bar instead")
     p.add_argument("--orchestrator", choices=["prefect", "none"], default="prefect",
                    help="prefect: a Prefect flow (a task per shard; reports to PREFECT_API_URL when set, else to a "
                         "temporary local server); none: the same stages in a plain loop, no Prefect")

@@ -37,13 +37,16 @@ class Orchestration(Protocol):
 class Plain:
     """``--orchestrator none``: no Prefect; artifacts are not published (the command prints its summary)."""
 
+    def __init__(self, progress_seconds: float | None = None):
+        self.progress_seconds = progress_seconds
+
     def run_date(self) -> date:
         return datetime.now(timezone.utc).date()
 
     def batch(self, job: Job, quiet: bool) -> dict:
         from ossbatch.flows.plain import run_job_plain
 
-        return run_job_plain(job, quiet)
+        return run_job_plain(job, quiet, self.progress_seconds)
 
     def step(self, function, *args):
         return function(*args)

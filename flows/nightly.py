@@ -41,11 +41,14 @@ write_labels, expand_requests, write_samples, grade, record_history, write_repor
 class PrefectOrchestration:
     """The batch job as a subflow, each step a task, artifacts on the Prefect server."""
 
+    def __init__(self, progress_seconds: float | None = None):
+        self.progress_seconds = progress_seconds
+
     def run_date(self):
         return flow_run.get_scheduled_start_time().date()
 
     def batch(self, job: Job, quiet: bool) -> dict:
-        return batch_inference(job, quiet=quiet)
+        return batch_inference(job, quiet=quiet, progress_seconds=self.progress_seconds)
 
     def step(self, function, *args):
         return TASKS[function](*args)
@@ -63,23 +66,24 @@ class PrefectOrchestration:
 @flow(name="label", log_prints=True)
 def label_job(model: str, inputs: list[str], output: str, labels: list[str] | dict, gold_column: str | None = None,
               label_field: str = grading.LABEL_FIELD, name: str | None = None,
-              options: JobOptions = JobOptions(), quiet: bool = False) -> dict:
+              options: JobOptions = JobOptions(), quiet: bool = False, progress_seconds: float | None = None) -> dict:
     """Bulk classification: every row answers with one of ``labels`` (a list, or a JSON Schema
     with a ``label_field`` property).  Writes <output>/labels.parquet, with ``gold_column``
     <output>/confusion.parquet, and <output>/report.html; returns a summary with the confusion
     (or label count) table."""
-    return derived.label(PrefectOrchestration(), model, inputs, output, labels, gold_column, label_field, name,
+    return derived.label(PrefectOrchestration(progress_seconds), model, inputs, output, labels, gold_column, label_field, name,
                          options, quiet)
 
 
 @flow(name="synth", log_prints=True)
 def synth_job(model: str, inputs: list[str], output: str, n: int = 4, dedupe: bool = False,
-              answer_schema: dict | None = None, options: JobOptions = JobOptions(), quiet: bool = False) -> dict:
+              answer_schema: dict | None = None, options: JobOptions = JobOptions(), quiet: bool = False,
+              progress_seconds: float | None = None) -> dict:
     """Synthetic data: ``n`` samples per input row, each with its own seed (and, with
     ``answer_schema``, structured).  Writes <output>/samples.parquet (id, sample, seed,
     request_id, outputs, input columns) and <output>/report.html; ``dedupe`` keeps one sample
     per distinct answer of a row."""
-    return derived.synth(PrefectOrchestration(), model, inputs, output, n, dedupe, answer_schema, options, quiet)
+    return derived.synth(PrefectOrchestration(progress_seconds), model, inputs, output, n, dedupe, answer_schema, options, quiet)
 
 
 @flow(name="eval", log_prints=True)
@@ -88,7 +92,7 @@ def eval_job(model: str, inputs: list[str], output: str, gold_column: str = "ans
              answer_field: str = grading.ANSWER_FIELD, choices: str = "ABCD", category_column: str | None = "category",
              name: str | None = None, history: str | None = None, answer_schema: dict | None = None,
              price_per_million_tokens: tuple[float, float] = (0.0, 0.0), options: JobOptions = JobOptions(),
-             quiet: bool = False) -> dict:
+             quiet: bool = False, progress_seconds: float | None = None) -> dict:
     """Benchmark evaluation with structured answers: accuracy with a Wilson 95% interval, per
     category, token and cost totals, and the change since the previous run of this eval.
 
@@ -96,6 +100,6 @@ def eval_job(model: str, inputs: list[str], output: str, gold_column: str = "ans
     gold answer, ignoring case and spacing).  Writes <output>/graded.parquet, summary.parquet,
     eval.json (with the history file it used) and report.html, a markdown artifact linking the
     report, and a line in the history file."""
-    return derived.evaluate(PrefectOrchestration(), model, inputs, output, gold_column, grading_rule, answer_field,
+    return derived.evaluate(PrefectOrchestration(progress_seconds), model, inputs, output, gold_column, grading_rule, answer_field,
                             choices, category_column, name, history, answer_schema, price_per_million_tokens,
                             options, quiet)

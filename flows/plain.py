@@ -11,8 +11,9 @@ from ossbatch.flows.progress import Progress
 from ossbatch.pipeline.config import Job
 
 
-def run_job_plain(job: Job, quiet: bool = False) -> dict:
-    """Runs ``job`` to the end in this process; returns its manifest."""
+def run_job_plain(job: Job, quiet: bool = False, progress_seconds: float | None = None) -> dict:
+    """Runs ``job`` to the end in this process, showing its progress (see flows.progress);
+    returns its manifest."""
     from ossbatch.pipeline.driver import job_spec, run_job
     from ossbatch.pipeline.infer import ShardInferencer
 
@@ -21,14 +22,19 @@ def run_job_plain(job: Job, quiet: bool = False) -> dict:
 
         raise InputError("--runner ray needs --orchestrator prefect (shards are Prefect tasks)")
     progress: list[Progress] = []
+    infer = ShardInferencer(job)  # the model loads on the first pending shard, not for a finished job
 
     def report(event: dict) -> None:
         if event["event"] == "planned":
-            progress.append(Progress(event["rows"], event["shards"], event["pending"], quiet=quiet))
+            progress.append(Progress(event["rows"], event["shards"], event["pending"], quiet=quiet,
+                                     interval=progress_seconds))
+            infer.on_progress = progress[0].rows_done
         else:
             progress[0].committed(event["marker"])
 
-    # The model loads on the first pending shard, not for a job that is already complete.
-    manifest = run_job(job_spec(job), ShardInferencer(job), report)
-    progress[0].close(manifest)
+    try:
+        manifest = run_job(job_spec(job), infer, report)
+    finally:
+        if progress:
+            progress[0].close()
     return manifest
