@@ -49,7 +49,7 @@ def gather(root: str, storage: Storage = LOCAL) -> ReportData:
     if manifest is None:
         manifest, derived = read_manifest(job_dir(root), storage), True
     if manifest is None:
-        raise InputError(f"{root}: no manifest.json here or in {job_dir(root)}; is the job finished?")
+        raise InputError(f"{root}: no _manifest.json here or in {job_dir(root)}; is the job finished?")
     columns = ("status", *TOKEN_COLUMNS)
     tables = [t.select([c for c in columns if c in t.column_names]) for t in part_tables(manifest, storage)]
     rows = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.int64()) for c in columns})

@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ossbatch.pipeline.job import (
-    JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, PART_NAME, committed_shards, load_plan, output_layout,
+    JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, committed_shards, load_plan, manifest_path, output_layout,
 )
 from ossbatch.pipeline.storage import LOCAL, InputError, Storage, exists, join, read_json
 
@@ -83,9 +83,9 @@ def format_manifest(output_uri: str, storage: Storage = LOCAL, max_failures: int
     """The job at ``output_uri`` as text: a finished job's manifest, or an unfinished job's progress."""
     _, work_dir = output_layout(output_uri)
     fs, work = storage.filesystem(work_dir)
-    manifest_path = join(work, MANIFEST_FILE)
-    if exists(fs, manifest_path):
-        lines, parts = _finished(read_json(fs, manifest_path))
+    finished = manifest_path(fs, work)
+    if finished:
+        lines, parts = _finished(read_json(fs, finished))
     elif exists(fs, join(work, JOB_FILE)):
         lines, parts = _unfinished(fs, work, load_plan(output_uri, storage))
     else:
@@ -104,9 +104,9 @@ def manifest_or_plan(output_uri: str, storage: Storage = LOCAL) -> dict:
     holds no job (``ossbatch inspect`` exits 2)."""
     _, work_dir = output_layout(output_uri)
     fs, work = storage.filesystem(work_dir)
-    manifest_path = join(work, MANIFEST_FILE)
-    if exists(fs, manifest_path):
-        return read_json(fs, manifest_path)
+    finished = manifest_path(fs, work)
+    if finished:
+        return read_json(fs, finished)
     if exists(fs, join(work, JOB_FILE)):
         plan = load_plan(output_uri, storage)
         committed = committed_shards(plan)
@@ -122,7 +122,7 @@ def no_job_message(output_uri: str, work_dir: str) -> str:
 def has_job(output_uri: str, storage: Storage = LOCAL) -> bool:
     _, work_dir = output_layout(output_uri)
     fs, work = storage.filesystem(work_dir)
-    return exists(fs, join(work, MANIFEST_FILE)) or exists(fs, join(work, JOB_FILE))
+    return manifest_path(fs, work) is not None or exists(fs, join(work, JOB_FILE))
 
 
 def _finished(m: dict) -> tuple[list[str], list[str]]:
@@ -155,4 +155,4 @@ def _unfinished(fs, work: str, plan) -> tuple[list[str], list[str]]:
     title = (f"ossbatch job {plan.job_key}: in progress, {len(committed)} of {plan.num_shards} shards "
              f"({_n(rows['total'])} of {_n(plan.total_rows)} rows) committed")
     extra = [("input", ", ".join(plan.inputs)), ("output", plan.output)]
-    return _summary_lines(title, rows, tokens, extra), [PART_NAME.format(i) for i in committed]
+    return _summary_lines(title, rows, tokens, extra), [m["part"] for m in markers]

@@ -41,7 +41,7 @@ def test_every_job_command_runs_without_prefect_and_writes_its_report(tiny_model
     path = capsys.readouterr().out.strip()
     assert path.endswith("/run/_report.html")
     page = (tmp_path / "run" / "_report.html").read_text()
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "_manifest.json").read_text())
     assert f"<th>rows</th><td>{manifest['rows']['total']}</td>" in page and page.count("Plotly.newPlot") == 5
     assert all(shard.get("committed_at") for shard in manifest["shards"])
 

@@ -45,7 +45,7 @@ def test_without_a_server_a_temporary_one_runs_the_job_and_stops_with_it(tiny_mo
         proc = ossbatch("run", "--model", tiny_model_dir, "--input", _one_row(tmp_path), "--output", tmp_path / output,
                         "--max-tokens", "2", "--quiet", code=spy, env=env)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads((tmp_path / output / "manifest.json").read_text())["rows"]["total"] == 1
+        assert json.loads((tmp_path / output / "_manifest.json").read_text())["rows"]["total"] == 1
         pid = int(proc.stdout.split("server ")[1].split()[0])
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     # The first server migrated the kept database: later ones skip the migration check.
