@@ -13,6 +13,7 @@ from prefect.cache_policies import NONE
 
 from ossbatch.flows.progress import Progress
 from ossbatch.pipeline.config import Job
+from ossbatch.pipeline.cost import record_cost
 from ossbatch.pipeline.driver import job_spec, run_shard
 from ossbatch.pipeline.infer import ShardInferencer
 from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job
@@ -79,4 +80,4 @@ def batch_inference(job: Job, quiet: bool = False, progress_seconds: float | Non
                 progress.committed(shard_task(plan, shard_index, infer))
     finally:
         progress.close()
-    return finalize_job(plan, time.monotonic() - started)
+    return record_cost(finalize_job(plan, time.monotonic() - started), job.options.cost, job.storage)

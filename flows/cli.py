@@ -4,13 +4,14 @@
     ossbatch run --model DIR --input PATH... --output PATH [sampling, batching, storage flags]
     ossbatch label --labels A B C ... [--gold-column COL]   (same job flags as run)
     ossbatch synth --n 4 [--dedupe]                         (same job flags as run)
-    ossbatch eval --gold-column answer [--grading choice|exact] [--price-per-million-tokens IN OUT]
+    ossbatch eval --gold-column answer [--grading choice|exact]      (same job flags as run)
     ossbatch serve | deploy [--prefect-file prefect.yaml]   (the nightly deployments)
     ossbatch plan --model DIR --gpu-memory 80GiB --max-context N
     ossbatch inspect OUTPUT [--json]
     ossbatch report OUTPUT                                  (the job's charts as one HTML page)
 
-Every job command (run, label, synth, eval) takes --orchestrator prefect|none. Exit status: 0 ok,
+Every job command (run, label, synth, eval) takes --orchestrator prefect|none and the prices
+--price-per-million-tokens IN OUT and --gpu-hour-price P (the job's cost, in its manifest). Exit status: 0 ok,
 1 a job failed, 2 a usage error (one line on stderr, before Prefect is imported).
 """
 
@@ -26,7 +27,9 @@ from pathlib import Path
 from ossbatch.engine.config import CheckpointError
 from ossbatch.flows.environment import prepare_environment
 from ossbatch.flows.progress import DEFAULT_INTERVAL
-from ossbatch.pipeline.config import EngineOptions, Job, JobOptions, PipelineOptions, RunnerOptions, SamplingOptions
+from ossbatch.pipeline.config import (
+    CostOptions, EngineOptions, Job, JobOptions, PipelineOptions, RunnerOptions, SamplingOptions,
+)
 from ossbatch.pipeline.storage import LOCAL, InputError, Storage
 
 
@@ -38,7 +41,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if ("(default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
             return text
         shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})"
@@ -252,7 +256,7 @@ def cmd_eval(args) -> int:
         args.model, args.input, args.output, gold_column=args.gold_column, grading_rule=args.grading,
         answer_field=args.answer_field, choices=args.choices, category_column=args.category_column or None,
         name=args.name, history=args.history, answer_schema=schema,
-        price_per_million_tokens=tuple(args.price_per_million_tokens), options=_job_options(args), quiet=args.quiet,
+        options=_job_options(args), quiet=args.quiet,
     )
     if not args.quiet:
         print(summary["report"])
@@ -356,6 +360,12 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--ray-address", help="a Ray cluster to run on (default: start a local one)")
     p.add_argument("--ray-workers", type=_positive_int("--ray-workers"),
                    help="Ray actors, each loading the model once (default: one per GPU, else one per node)")
+    cost = CostOptions
+    p.add_argument("--price-per-million-tokens", nargs=2, type=float, metavar=("IN", "OUT"),
+                   default=list(_default(cost, "price_per_million_tokens")),
+                   help="prices per million prompt (IN) and completion (OUT) tokens: the cost in the manifest")
+    p.add_argument("--gpu-hour-price", type=float, default=_default(cost, "gpu_hour_price"),
+                   help="price of one GPU hour (wall time, or the summed shard time when larger): the cost in the manifest")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors (for cron)")
     p.add_argument("--progress-seconds", type=_positive_float("--progress-seconds"), default=DEFAULT_INTERVAL,
                    help="seconds between progress lines when stderr is not a terminal (cron, logs); a terminal "
@@ -461,8 +471,6 @@ def build_parser() -> Parser:
     evaluate.add_argument("--schema", help="answer JSON Schema file (default: built from --grading and --answer-field)")
     evaluate.add_argument("--name", help="the eval's name in its history and artifacts (default: the input's file name)")
     evaluate.add_argument("--history", help="history file (default: <output>/../<name>.history.jsonl)")
-    evaluate.add_argument("--price-per-million-tokens", nargs=2, type=float, default=[0.0, 0.0],
-                          metavar=("INPUT", "OUTPUT"), help="prices per million prompt and completion tokens")
     evaluate.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="run prefect.yaml's nightly deployments on their schedules, on this machine",

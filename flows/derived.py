@@ -22,6 +22,7 @@ from ossbatch.flows.jobs import (
     slug, write_json_lines, write_table,
 )
 from ossbatch.pipeline.config import Job, JobOptions
+from ossbatch.pipeline.cost import job_cost
 from ossbatch.pipeline.storage import InputError, Storage, join
 
 
@@ -203,9 +204,12 @@ def record_history(history: str, storage: Storage, entry: dict) -> dict | None:
 def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output: str, gold_column: str = "answer",
              grading_rule: str = "choice", answer_field: str = grading.ANSWER_FIELD, choices: str = "ABCD",
              category_column: str | None = "category", name: str | None = None, history: str | None = None,
-             answer_schema: dict | None = None, price_per_million_tokens: tuple[float, float] = (0.0, 0.0),
+             answer_schema: dict | None = None, price_per_million_tokens: tuple[float, float] | None = None,
              options: JobOptions = JobOptions(), quiet: bool = False) -> dict:
-    """Benchmark evaluation (see flows.nightly.eval_job)."""
+    """Benchmark evaluation (see flows.nightly.eval_job); ``price_per_million_tokens``, when
+    given, replaces the options' (the flow's parameter from before prices were job options)."""
+    if price_per_million_tokens is not None:
+        options = options.replaced(price_per_million_tokens=tuple(price_per_million_tokens))
     root = resolve_output(output, orchestration.run_date())
     name = name or input_stem(inputs)
     check_columns(inputs, options.storage, {"--gold-column": gold_column})
@@ -227,7 +231,7 @@ def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output
         "categories": graded["categories"],
         "unanswered": graded["unanswered"],
         "tokens": {k: manifest["tokens"][k] for k in ("prompt", "reasoning", "output", "completion")},
-        "cost": grading.token_cost(manifest["tokens"], tuple(price_per_million_tokens)),
+        "cost": manifest.get("cost") or job_cost(manifest, options.cost),
         "history": history,  # where this run was recorded: the report reads the trend from it
     }
     previous = orchestration.step(record_history, history, options.storage,

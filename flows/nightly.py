@@ -91,13 +91,14 @@ def eval_job(model: str, inputs: list[str], output: str, gold_column: str = "ans
              grading_rule: Literal["choice", "exact"] = "choice",
              answer_field: str = grading.ANSWER_FIELD, choices: str = "ABCD", category_column: str | None = "category",
              name: str | None = None, history: str | None = None, answer_schema: dict | None = None,
-             price_per_million_tokens: tuple[float, float] = (0.0, 0.0), options: JobOptions = JobOptions(),
+             price_per_million_tokens: tuple[float, float] | None = None, options: JobOptions = JobOptions(),
              quiet: bool = False, progress_seconds: float | None = None) -> dict:
     """Benchmark evaluation with structured answers: accuracy with a Wilson 95% interval, per
     category, token and cost totals, and the change since the previous run of this eval.
 
     ``grading_rule``: "choice" (a letter of ``choices``) or "exact" (``answer_field`` equals the
-    gold answer, ignoring case and spacing).  Writes <output>/graded.parquet, summary.parquet,
+    gold answer, ignoring case and spacing). ``price_per_million_tokens``, when given, replaces
+    ``options.price_per_million_tokens``.  Writes <output>/graded.parquet, summary.parquet,
     eval.json (with the history file it used) and report.html, a markdown artifact linking the
     report, and a line in the history file."""
     return derived.evaluate(PrefectOrchestration(progress_seconds), model, inputs, output, gold_column, grading_rule, answer_field,

@@ -14,6 +14,7 @@ from ossbatch.pipeline.config import Job
 def run_job_plain(job: Job, quiet: bool = False, progress_seconds: float | None = None) -> dict:
     """Runs ``job`` to the end in this process, showing its progress (see flows.progress);
     returns its manifest."""
+    from ossbatch.pipeline.cost import record_cost
     from ossbatch.pipeline.driver import job_spec, run_job
     from ossbatch.pipeline.infer import ShardInferencer
 
@@ -37,4 +38,4 @@ def run_job_plain(job: Job, quiet: bool = False, progress_seconds: float | None 
     finally:
         if progress:
             progress[0].close()
-    return manifest
+    return record_cost(manifest, job.options.cost, job.storage)

@@ -184,6 +184,7 @@ def _facts(data: ReportData) -> list[tuple[str, str]]:
     ]
     if m.get("cost"):
         facts.append(("cost", f"${m['cost']['total']:.4f}"))
+        facts.append(("cost per 1,000 rows", f"${m['cost']['per_1000_rows']:.4f}"))
     if data.eval_summary:
         overall = data.eval_summary["categories"][0]
         facts.append(("accuracy", f"{100 * overall['accuracy']:.1f}% ({overall['correct']}/{overall['n']})"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ossbatch.pipeline.cost import format_cost
 from ossbatch.pipeline.job import (
     JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, committed_shards, load_plan, manifest_path, output_layout,
 )
@@ -139,6 +140,7 @@ def _finished(m: dict) -> tuple[list[str], list[str]]:
         ("input", f"{', '.join(m['input']['uris'])} ({len(m['input']['files'])} files, {_n(m['input']['rows'])} rows)"),
         ("output", f"{m['output']['uri']} ({m['output']['format']})"),
         ("model", f"{model_name} {model.get('content_hash') or ''}".rstrip()),
+        ("cost", format_cost(m.get("cost"))),
     ]
     title = f"ossbatch job {m['job_key']}: complete ({m['created_at']})"
     return _summary_lines(title, m["rows"], m["tokens"], extra), m["output"]["parts"]

@@ -52,9 +52,11 @@ def test_eval_records_its_history_path_and_its_report_shows_every_night(tiny_mod
     history.parent.mkdir()
     for night in ("n1", "n2", "n3"):
         _job("eval", "--model", tiny_model_dir, "--input", questions, "--output", tmp_path / "evals" / night,
-             "--history", history, *FAST)
+             "--history", history, "--price-per-million-tokens", "1", "2", "--gpu-hour-price", "2", *FAST)
     summary = json.loads((tmp_path / "evals" / "n3" / "eval.json").read_text())
     assert summary["history"] == str(history)
+    manifest = json.loads((tmp_path / "evals" / "n3" / "job" / "_manifest.json").read_text())
+    assert summary["cost"] == manifest["cost"] and manifest["cost"]["gpu"] > 0
     figures = {f.layout.title.text: f for f in report.charts(report.gather(str(tmp_path / "evals" / "n3")))}
     trend = figures["Accuracy over previous nights"].data[0]
     assert len(trend.y) == 3 and trend.y[-1] == summary["accuracy"]

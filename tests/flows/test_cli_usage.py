@@ -102,3 +102,26 @@ def test_inspect_shows_length_rows_and_prints_the_manifest_as_json(tiny_model_di
     assert main(["inspect", str(out), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["rows"] == {"total": 3, "ok": 0, "length": 3, "error": 0}
+
+
+def test_prices_put_the_jobs_cost_in_the_manifest_and_inspect(tiny_model_dir, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"say {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out), "--quiet",
+                 "--orchestrator", "none", "--max-tokens", "3", "--price-per-million-tokens", "2", "8",
+                 "--gpu-hour-price", "3.6"]) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    cost, tokens = manifest["cost"], manifest["tokens"]
+    gpu_seconds = max(manifest["wall_seconds"], manifest["shard_seconds"])
+    expected = tokens["prompt"] * 2 / 1e6 + tokens["completion"] * 8 / 1e6 + gpu_seconds * 3.6 / 3600
+    assert cost["total"] == pytest.approx(expected) and cost["per_1000_rows"] == pytest.approx(expected / 4 * 1000)
+    assert main(["inspect", str(out)]) == 0
+    assert f"${cost['total']:,.4f} (${cost['per_1000_rows']:,.4f} per 1,000 rows)" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):  # a price is two numbers
+        main(["run", "--model", "m", "--input", "i", "--output", "o", "--price-per-million-tokens", "2"])
+    assert "--price-per-million-tokens: expected 2 arguments" in capsys.readouterr().err
+    assert main(["run", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(tmp_path / "neg"),
+                 "--orchestrator", "none", "--gpu-hour-price", "-1"]) == 2
+    assert "--gpu-hour-price: input should be greater than or equal to 0, got -1.0" in capsys.readouterr().err
