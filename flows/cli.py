@@ -154,13 +154,18 @@ def _job_options(args) -> JobOptions:
     return JobOptions.from_flags(flags)
 
 
-def _preflight(model: str, inputs: list[str], storage: Storage) -> None:
-    """Refuses a bad model or a missing input before Prefect is imported or its server started."""
+def _preflight(model: str, inputs: list[str], storage: Storage, columns: dict[str, str] | None = None) -> None:
+    """Refuses a bad model, a missing input or a missing input column (``{flag: column}``)
+    before Prefect is imported or its server started."""
     from ossbatch.engine.config import read_config
     from ossbatch.pipeline.storage import expand_inputs
 
     read_config(model)
     expand_inputs(inputs, storage)
+    if columns:
+        from ossbatch.flows.jobs import check_columns
+
+        check_columns(inputs, storage, columns)
 
 
 def _start_prefect(model: str, options: JobOptions, job_output: str, flows_module: str) -> None:
@@ -224,7 +229,7 @@ def _nightly(args, job: str):
 
 def cmd_label(args) -> int:
     labels = args.labels if args.labels else _read_json_file("--labels-file", args.labels_file)
-    _preflight(args.model, args.input, args.storage)
+    _preflight(args.model, args.input, args.storage, {"--gold-column": args.gold_column} if args.gold_column else None)
     summary = _nightly(args, "label")(args.model, args.input, args.output, labels, gold_column=args.gold_column,
                                       label_field=args.label_field, name=args.name, options=_job_options(args),
                                       quiet=args.quiet)
@@ -251,7 +256,7 @@ def cmd_synth(args) -> int:
 
 def cmd_eval(args) -> int:
     schema = _read_json_file("--schema", args.schema) if args.schema else None
-    _preflight(args.model, args.input, args.storage)
+    _preflight(args.model, args.input, args.storage, {"--gold-column": args.gold_column})
     summary = _nightly(args, "eval")(
         args.model, args.input, args.output, gold_column=args.gold_column, grading_rule=args.grading,
         answer_field=args.answer_field, choices=args.choices, category_column=args.category_column or None,

@@ -51,6 +51,8 @@ def test_a_mistyped_command_or_choice_gets_one_line_and_exit_2(capsys):
 def test_usage_errors_exit_2_in_one_line_before_prefect(tiny_model_dir, tmp_path):
     bad_schema = tmp_path / "bad.json"
     bad_schema.write_text("{not json")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "a", "prompt": "hi", "answer": "A"}) + "\n")
     cases = [
         (["run", "--model", tiny_model_dir, "--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"],
          "no input files match"),
@@ -59,6 +61,10 @@ def test_usage_errors_exit_2_in_one_line_before_prefect(tiny_model_dir, tmp_path
         (["eval", "--model", tiny_model_dir, "--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"],
          "no input files match"),
         (["run", "--model", tmp_path / "nomodel", "--input", "x", "--output", tmp_path / "o"], "does not exist"),
+        (["eval", "--model", tiny_model_dir, "--input", rows, "--output", tmp_path / "o", "--gold-column", "gold"],
+         "--gold-column 'gold' is not a column"),
+        (["label", "--model", tiny_model_dir, "--input", rows, "--output", tmp_path / "o", "--labels", "a", "b",
+          "--gold-column", "gold"], "--gold-column 'gold' is not a column"),
     ]
     # Prefect would print a traceback (and take seconds to start): it must not even be imported.
     for argv, words in cases:
