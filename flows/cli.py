@@ -171,7 +171,7 @@ def _preflight(model: str, inputs: list[str], storage: Storage, columns: dict[st
 def _start_prefect(model: str, options: JobOptions, job_output: str, flows_module: str) -> None:
     """Starts Prefect's temporary server (unless PREFECT_API_URL names one), then imports the
     flows (and Prefect) and loads the model while it starts: the flow needs all three, and the
-    waits overlap. A finished job loads no model."""
+    waits overlap. A finished job loads no model, nor does this process when Ray actors run it."""
     import importlib
 
     from ossbatch.flows.server import start_in_background
@@ -179,7 +179,7 @@ def _start_prefect(model: str, options: JobOptions, job_output: str, flows_modul
 
     server = start_in_background()
     importlib.import_module(flows_module)
-    if read_manifest(job_output, options.storage) is None:
+    if options.runner == "local" and read_manifest(job_output, options.storage) is None:
         from ossbatch.pipeline.infer import load_engine
 
         load_engine(options.engine(model))  # cached: the flow's shards find it loaded
