@@ -32,7 +32,7 @@ demo: $(VENV)
 	# The same rows under a JSON Schema: the grammar makes even a random model answer validly.
 	$(OSSBATCH) run --model demo/model --input examples/prompts.jsonl --output demo/out-schema --schema examples/sentiment.schema.json --max-reasoning-tokens 16 --max-tokens 96 --orchestrator none --overwrite --quiet
 	$(OSSBATCH) inspect demo/out-schema
-	$(PY) -c "import polars as pl; print(pl.read_parquet('demo/out-schema/*.parquet').select('id', 'status', 'output_json', 'schema_valid', 'completion_tokens'))"
+	$(PY) -c "import polars as pl; print(pl.read_parquet('demo/out-schema/data').select('id', 'status', 'output_json', 'schema_valid', 'completion_tokens'))"
 
 test: $(VENV)
 	$(PY) -m pytest -q

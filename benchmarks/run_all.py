@@ -81,7 +81,7 @@ def bench_cpu_throughput(new_tokens: int = 24) -> dict:
                         str(Path(tmp) / "out"), "--max-tokens", str(new_tokens), "--temperature", "0", "--orchestrator",
                         "none", "--quiet"], check=True, cwd=ROOT)
         wall = time.perf_counter() - started
-        manifest = json.loads((Path(tmp) / "out" / "manifest.json").read_text())
+        manifest = json.loads((Path(tmp) / "out" / "_manifest.json").read_text())
     tokens = manifest["tokens"]
     ours = tokens["completion"] / wall
     hf = transformers.GptOssForCausalLM.from_pretrained(

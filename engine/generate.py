@@ -21,6 +21,7 @@ reads it once for all its rows (cascade attention, `engine.attend`).
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -259,6 +260,7 @@ def generate(
     prefill_groups: list[list[int]] | None = None,
     slots: int | None = None,
     shared_prefixes: list[SharedPrefix] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -275,6 +277,9 @@ def generate(
     prefix is prefilled once and stored once, and its rows compute only the
     rest of their prompts. A prefix is used up to one token short of its
     shortest row's prompt (a row's last prompt token gives its first logits).
+
+    `on_step(rows_finished, tokens)`, if given, hears after every step how many rows stopped and
+    how many tokens were generated in it (for live progress).
     """
     started = time.perf_counter()
     batch = len(prompts)
@@ -319,6 +324,8 @@ def generate(
         ended = sample_and_stop(forward.logits[: live.numel()], live, settings, outputs, stops, constraint, masked_buffer)
         scheduler.free(live[ended].tolist())
         decoding = scheduler.in_slot_order(live[~ended])
+        if on_step is not None:
+            on_step(int(ended.sum()), live.numel())
         if not decoding.numel() and not scheduler.waiting:
             break
 

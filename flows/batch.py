@@ -13,6 +13,7 @@ from prefect.cache_policies import NONE
 
 from ossbatch.flows.progress import Progress
 from ossbatch.pipeline.config import Job
+from ossbatch.pipeline.cost import record_cost
 from ossbatch.pipeline.driver import job_spec, run_shard
 from ossbatch.pipeline.infer import ShardInferencer
 from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job
@@ -26,25 +27,27 @@ def shard_task(plan: JobPlan, shard_index: int, infer: ShardInferencer) -> dict:
     return run_shard(plan, shard_index, infer)
 
 
-def _progress_artifact(plan: JobPlan, pending: list[int]):
-    """Publishes the share of committed shards as the flow run's progress artifact."""
+def _progress_artifact(plan: JobPlan, rows_to_do: int):
+    """Publishes the share of this run's rows done (the terminal's counts) as the flow run's
+    progress artifact."""
     logger = get_run_logger()
 
-    def percent(done: int) -> float:
-        return round(100.0 * done / plan.num_shards, 2) if plan.num_shards else 100.0
+    def percent(done: int, total: int) -> float:
+        return round(100.0 * done / total, 2) if total else 100.0
 
     try:
         artifact_id = create_progress_artifact(
-            progress=percent(plan.num_shards - len(pending)),
-            description=f"shards of {plan.output} committed ({plan.num_shards} in all)",
+            progress=percent(0, rows_to_do),
+            description=f"rows of {plan.output} done in this run ({rows_to_do} of {plan.total_rows} to do, "
+                        f"{plan.num_shards} shards)",
         )
     except Exception as err:  # progress is a nicety: never fail a job over it
         logger.warning("no progress artifact: %s", err)
         return None
 
-    def publish(done: int, shards: int) -> None:
+    def publish(done: int, total: int) -> None:
         try:
-            update_progress_artifact(artifact_id, progress=percent(done))
+            update_progress_artifact(artifact_id, progress=percent(done, total))
         except Exception as err:
             logger.warning("progress artifact not updated: %s", err)
 
@@ -52,23 +55,29 @@ def _progress_artifact(plan: JobPlan, pending: list[int]):
 
 
 @flow(name="batch-inference", log_prints=True)
-def batch_inference(job: Job, quiet: bool = False) -> dict:
+def batch_inference(job: Job, quiet: bool = False, progress_seconds: float | None = None) -> dict:
     """Runs ``job`` (its storage options show as ********** among the flow run's parameters).
-    Returns the manifest."""
+    Progress shows on a terminal, or as a log line every ``progress_seconds`` (default 30), and
+    in the flow run's progress artifact. Returns the manifest."""
     started = time.monotonic()
     plan = plan_job(job_spec(job))
     pending = pending_shards(plan)
-    progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet,
-                        publish=_progress_artifact(plan, pending))
-    get_run_logger().info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
-    if job.options.runner == "ray":
-        from ossbatch.flows.ray_runner import run_shards_on_ray
+    rows_to_do = sum(plan.shards[i]["rows"] for i in pending)
+    logger = get_run_logger()
+    progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet, rows_to_do=rows_to_do,
+                        publish=_progress_artifact(plan, rows_to_do), interval=progress_seconds,
+                        emit=lambda line: logger.info("%s", line))
+    logger.info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
+    try:
+        if job.options.runner == "ray":
+            from ossbatch.flows.ray_runner import run_shards_on_ray
 
-        run_shards_on_ray(plan, pending, job, progress)
-    else:
-        infer = ShardInferencer(job)  # the model loads with the first pending shard
-        for shard_index in pending:
-            progress.committed(shard_task(plan, shard_index, infer))
-    manifest = finalize_job(plan, time.monotonic() - started)
-    progress.close(manifest)
-    return manifest
+            run_shards_on_ray(plan, pending, job, progress)
+        else:
+            infer = ShardInferencer(job)  # the model loads with the first pending shard
+            infer.on_progress = progress.rows_done
+            for shard_index in pending:
+                progress.committed(shard_task(plan, shard_index, infer))
+    finally:
+        progress.close()
+    return record_cost(finalize_job(plan, time.monotonic() - started), job.options.cost, job.storage)

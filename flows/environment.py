@@ -16,6 +16,11 @@ def prepare_environment(*, backend: str | None = None, device: str | None = None
         state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
         os.environ["PREFECT_HOME"] = str(state / "ossbatch" / "prefect")
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        from ossbatch.flows.server import temporary_server_settings
+
+        for name, value in temporary_server_settings(Path(os.environ["PREFECT_HOME"])).items():
+            os.environ.setdefault(name, value)
     if quiet:
         # Cron mails whatever a job prints: only warnings and errors reach the terminal
         # (the Prefect server still records every log line).

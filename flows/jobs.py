@@ -3,7 +3,7 @@ and writing derived outputs.
 
 A derived job (label, synth, eval) owns an output root::
 
-    <root>/job/               the batch job itself (parts, _shards/, manifest.json): resumable
+    <root>/job/               the batch job itself (data/ parts, _shards/, _manifest.json): resumable
     <root>/<derived>.parquet  rebuilt from the committed parts after every run
 
 The batch job's directory holds only what pipeline.job writes (it refuses

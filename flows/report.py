@@ -49,7 +49,7 @@ def gather(root: str, storage: Storage = LOCAL) -> ReportData:
     if manifest is None:
         manifest, derived = read_manifest(job_dir(root), storage), True
     if manifest is None:
-        raise InputError(f"{root}: no manifest.json here or in {job_dir(root)}; is the job finished?")
+        raise InputError(f"{root}: no _manifest.json here or in {job_dir(root)}; is the job finished?")
     columns = ("status", *TOKEN_COLUMNS)
     tables = [t.select([c for c in columns if c in t.column_names]) for t in part_tables(manifest, storage)]
     rows = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.int64()) for c in columns})
@@ -75,7 +75,7 @@ def _gather_derived(data: ReportData, storage: Storage) -> None:
     summary = join(root, "eval.json")
     if storage.exists(summary):
         data.eval_summary = storage.read_json(summary)
-        from ossbatch.flows.nightly import default_history
+        from ossbatch.flows.derived import default_history
 
         history = data.eval_summary.get("history") or default_history(data.root, data.eval_summary["eval"])
         data.history = read_json_lines(history, storage)
@@ -184,6 +184,7 @@ def _facts(data: ReportData) -> list[tuple[str, str]]:
     ]
     if m.get("cost"):
         facts.append(("cost", f"${m['cost']['total']:.4f}"))
+        facts.append(("cost per 1,000 rows", f"${m['cost']['per_1000_rows']:.4f}"))
     if data.eval_summary:
         overall = data.eval_summary["categories"][0]
         facts.append(("accuracy", f"{100 * overall['accuracy']:.1f}% ({overall['correct']}/{overall['n']})"))

@@ -9,6 +9,7 @@
 - `SamplingOptions`: job-wide defaults that a row's own fields override.
 - `PipelineOptions`: shards, batch packing, storage, overwrite.
 - `RunnerOptions`: where the shards run (in-process or on Ray actors).
+- `CostOptions`: token and GPU-hour prices, for the cost in the manifest.
 
 `Job` is one job: model, inputs, output and options; it is what `batch_inference` takes and what the
 shard driver runs. To add a setting: a field in its part (type, default, bounds), its flag in
@@ -22,7 +23,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ossbatch.pipeline.storage import LOCAL, InputError, Storage
 
@@ -97,7 +98,25 @@ class RunnerOptions(_Settings):
     ray_workers: int | None = Field(None, ge=1)
 
 
-class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions):
+class CostOptions(_Settings):
+    """What a job costs (pipeline.cost): shown in its manifest, never part of its identity."""
+
+    price_per_million_tokens: tuple[float, float] = (0.0, 0.0)  # (prompt, completion) tokens
+    gpu_hour_price: float = Field(0.0, ge=0)
+
+    @field_validator("price_per_million_tokens")
+    @classmethod
+    def _not_negative(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if min(value) < 0:
+            raise ValueError(f"prices must not be negative, got {list(value)}")
+        return value
+
+    @property
+    def priced(self) -> bool:
+        return any(self.price_per_million_tokens) or self.gpu_hour_price > 0
+
+
+class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions, CostOptions):
     """Every setting of a job, flat (the flags); the parts above say who reads which."""
 
     @classmethod
@@ -119,6 +138,10 @@ class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions)
     @property
     def sampling(self) -> SamplingOptions:
         return self.pick(SamplingOptions)
+
+    @property
+    def cost(self) -> CostOptions:
+        return self.pick(CostOptions)
 
     def engine(self, model: str) -> EngineConfig:
         return self.pick(EngineConfig, model=model)

@@ -10,6 +10,7 @@ or Prefect.
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -58,7 +59,12 @@ class _Prepared:
 
 class ShardInferencer:
     """``infer(requests) -> (results, stats)`` for one job's shards. The model loads on the first
-    call (or on ``.model``), so a job whose shards are all committed never loads it."""
+    call (or on ``.model``), so a job whose shards are all committed never loads it.
+
+    ``on_progress(rows, tokens)``, when set, hears of rows finished and tokens generated inside a
+    shard as they happen (every engine step; rows refused before the engine at once)."""
+
+    on_progress: Callable[[int, int], None] | None = None
 
     def __init__(self, job: Job):
         self.engine = job.engine
@@ -88,6 +94,8 @@ class ShardInferencer:
             except ValueError as err:
                 results[i] = _error_row(request, str(err))
 
+        if self.on_progress is not None and len(prepared) < len(requests):
+            self.on_progress(len(requests) - len(prepared), 0)
         stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0, "prompt_computed": 0,
                  "kv_bytes_saved": 0, "kv_cache_bytes": 0}
         budgets = [p.params.max_tokens for p in prepared]
@@ -118,6 +126,7 @@ class ShardInferencer:
                 prefill_groups=groups,
                 slots=slots,
                 shared_prefixes=[SharedPrefix(tuple(at), length) for length, at in shared.values()],
+                on_step=self.on_progress,
             )
             stats["engine_seconds"] += time.perf_counter() - started
             stats["padded_prompt_slots"] += gen.padded_prompt_slots

@@ -1,14 +1,18 @@
-"""``ossbatch inspect OUTPUT``: a job's manifest as a readable table, and its first failing rows."""
+"""``ossbatch inspect OUTPUT``: a job's manifest as a readable table, and example rows of each
+failing status (``error``, and ``length``: cut off at the token budget)."""
 
 from __future__ import annotations
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ossbatch.pipeline.cost import format_cost
 from ossbatch.pipeline.job import (
-    JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, PART_NAME, committed_shards, load_plan, output_layout,
+    JOB_FILE, MANIFEST_FILE, MARKER_DIR, MARKER_NAME, committed_shards, load_plan, manifest_path, output_layout,
 )
-from ossbatch.pipeline.storage import LOCAL, Storage, exists, join, read_json
+from ossbatch.pipeline.storage import LOCAL, InputError, Storage, exists, join, read_json
+
+EXAMPLE_STATUSES = ("error", "length")
 
 
 def _n(value) -> str:
@@ -31,20 +35,29 @@ def decode_waste(tokens: dict) -> float | None:
     return max(0.0, 1 - tokens["completion"] / tokens["decode_slots"]) if tokens.get("decode_slots") else None
 
 
-def first_failures(fs, work: str, parts: list[str], limit: int) -> list[tuple[str, str]]:
-    """(id, error) of the first ``limit`` rows with status error, reading only three columns."""
-    found: list[tuple[str, str]] = []
+def first_failures(fs, work: str, parts: list[str], limit: int) -> list[tuple[str, str, str]]:
+    """(id, status, why) of the first ``limit`` rows of each status in EXAMPLE_STATUSES, reading
+    only the columns that say why."""
+    found: dict[str, list[tuple[str, str, str]]] = {status: [] for status in EXAMPLE_STATUSES}
+    columns = ["id", "status", "error", "completion_tokens", "reasoning_tokens", "output_tokens"]
     for part in parts:
         path = join(work, part)
-        if limit <= len(found) or not exists(fs, path):
+        if all(len(rows) >= limit for rows in found.values()) or not exists(fs, path):
             break
         with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=["id", "status", "error"], batch_size=8192):
-                failed = batch.filter(pc.equal(batch.column("status"), "error"))
-                found += zip(failed.column("id").to_pylist(), failed.column("error").to_pylist())
-                if len(found) >= limit:
-                    break
-    return found[:limit]
+            for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=8192):
+                for status, rows in found.items():
+                    if len(rows) < limit:
+                        picked = batch.filter(pc.equal(batch.column("status"), status)).slice(0, limit - len(rows))
+                        rows += [(row["id"], status, _why(row)) for row in picked.to_pylist()]
+    return [row for rows in found.values() for row in rows]
+
+
+def _why(row: dict) -> str:
+    if row["status"] == "length":
+        return (f"cut off after {row['completion_tokens']} tokens ({row['reasoning_tokens']} reasoning, "
+                f"{row['output_tokens']} output): raise --max-tokens or lower --reasoning-effort")
+    return row.get("error") or ""
 
 
 def _table(rows: list[tuple[str, str]]) -> list[str]:
@@ -76,18 +89,46 @@ def format_manifest(output_uri: str, storage: Storage = LOCAL, max_failures: int
     """The job at ``output_uri`` as text: a finished job's manifest, or an unfinished job's progress."""
     _, work_dir = output_layout(output_uri)
     fs, work = storage.filesystem(work_dir)
-    manifest_path = join(work, MANIFEST_FILE)
-    if exists(fs, manifest_path):
-        lines, parts = _finished(read_json(fs, manifest_path))
+    finished = manifest_path(fs, work)
+    if finished:
+        lines, parts = _finished(read_json(fs, finished))
     elif exists(fs, join(work, JOB_FILE)):
         lines, parts = _unfinished(fs, work, load_plan(output_uri, storage))
     else:
-        return f"{output_uri}: no ossbatch job here (no {MANIFEST_FILE} or {JOB_FILE} in {work_dir})"
-    failures = first_failures(fs, work, parts, max_failures) if max_failures > 0 else []
-    if failures:
-        lines += ["", f"first failing rows ({len(failures)} shown):"]
-        lines += ["  " + line for line in _table([(rid, error or "") for rid, error in failures])]
+        return no_job_message(output_uri, work_dir)
+    examples = first_failures(fs, work, parts, max_failures) if max_failures > 0 else []
+    for status in EXAMPLE_STATUSES:
+        rows = [(rid, why) for rid, row_status, why in examples if row_status == status]
+        if rows:
+            lines += ["", f"first {status} rows ({len(rows)} shown):"]
+            lines += ["  " + line for line in _table(rows)]
     return "\n".join(lines)
+
+
+def manifest_or_plan(output_uri: str, storage: Storage = LOCAL) -> dict:
+    """A finished job's manifest; for an unfinished one, its progress. InputError when the folder
+    holds no job (``ossbatch inspect`` exits 2)."""
+    _, work_dir = output_layout(output_uri)
+    fs, work = storage.filesystem(work_dir)
+    finished = manifest_path(fs, work)
+    if finished:
+        return read_json(fs, finished)
+    if exists(fs, join(work, JOB_FILE)):
+        plan = load_plan(output_uri, storage)
+        committed = committed_shards(plan)
+        return {"job_key": plan.job_key, "finished": False, "shards": plan.num_shards, "committed_shards": committed,
+                "rows": plan.total_rows, "output": plan.output}
+    raise InputError(no_job_message(output_uri, work_dir))
+
+
+def no_job_message(output_uri: str, work_dir: str) -> str:
+    return f"{output_uri}: no ossbatch job here (no {MANIFEST_FILE} or {JOB_FILE} in {work_dir})"
+
+
+def has_job(output_uri: str, storage: Storage = LOCAL) -> bool:
+    _, work_dir = output_layout(output_uri)
+    fs, work = storage.filesystem(work_dir)
+    return manifest_path(fs, work) is not None or exists(fs, join(work, JOB_FILE))
 
 
 def _finished(m: dict) -> tuple[list[str], list[str]]:
@@ -104,6 +145,7 @@ def _finished(m: dict) -> tuple[list[str], list[str]]:
         ("input", f"{', '.join(m['input']['uris'])} ({len(m['input']['files'])} files, {_n(m['input']['rows'])} rows)"),
         ("output", f"{m['output']['uri']} ({m['output']['format']})"),
         ("model", f"{model_name} {model.get('content_hash') or ''}".rstrip()),
+        ("cost", format_cost(m.get("cost"))),
     ]
     title = f"ossbatch job {m['job_key']}: complete ({m['created_at']})"
     return _summary_lines(title, m["rows"], m["tokens"], extra), m["output"]["parts"]
@@ -120,4 +162,4 @@ def _unfinished(fs, work: str, plan) -> tuple[list[str], list[str]]:
     title = (f"ossbatch job {plan.job_key}: in progress, {len(committed)} of {plan.num_shards} shards "
              f"({_n(rows['total'])} of {_n(plan.total_rows)} rows) committed")
     extra = [("input", ", ".join(plan.inputs)), ("output", plan.output)]
-    return _summary_lines(title, rows, tokens, extra), [PART_NAME.format(i) for i in committed]
+    return _summary_lines(title, rows, tokens, extra), [m["part"] for m in markers]

@@ -3,9 +3,14 @@
 Output layout (``work_dir`` is the output directory, or ``<output>.parts`` for a Batch ``.jsonl``)::
 
     _job.json                 identity of the job that owns this directory, and its plan
-    part-00000.parquet        shard 0's rows; written under a temporary name, then committed
+    data/part-00000.parquet   shard 0's rows; written under a temporary name, then committed
     _shards/shard-00000.json  shard 0's marker, written after its part: committed iff it exists
-    manifest.json             written by finalize_job once every shard is committed
+    _manifest.json            written by finalize_job once every shard is committed
+
+``data/`` holds nothing but the result rows, one schema across parts: it is the dataset path
+(polars, pyarrow.dataset, DuckDB, Spark read the folder as is). Everything else starts with ``_``,
+which folder readers skip. Outputs written before (parts and manifest.json beside _job.json)
+are still read, resumed and inspected.
 
 A re-run of the same job (same inputs, model content hash, settings, shard size) finds _job.json,
 skips shards that have markers and overwrites any part file left without one, so every id ends up
@@ -41,9 +46,11 @@ from ossbatch.pipeline.write import (
 )
 
 JOB_FILE = "_job.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "_manifest.json"
+LEGACY_MANIFEST_FILE = "manifest.json"  # outputs written before the data/ layout
 MARKER_DIR = "_shards"
-PART_NAME = "part-{:05d}.parquet"
+DATA_DIR = "data"
+PART_NAME = DATA_DIR + "/part-{:05d}.parquet"
 MARKER_NAME = "shard-{:05d}.json"
 _PART_RE = re.compile(r"part-(\d+)\.parquet")
 _MARKER_RE = re.compile(r"shard-(\d+)\.json")
@@ -260,7 +267,8 @@ def _duplicate_error(duplicates: list[tuple[str, int]]) -> InputError:
 
 
 def _is_ours(name: str) -> bool:
-    return name in (JOB_FILE, MANIFEST_FILE, MARKER_DIR) or bool(_PART_RE.fullmatch(name))
+    # "_" names are metadata (ours, or written beside the results for them, like _report.html).
+    return name.startswith("_") or name in (DATA_DIR, LEGACY_MANIFEST_FILE) or bool(_PART_RE.fullmatch(name))
 
 
 def _changed(old: dict, new: dict) -> list[str]:
@@ -342,8 +350,8 @@ def _claim_output(plan: JobPlan, overwrite: bool) -> None:
                 "pass --overwrite to replace them, or choose another --output"
             )
         # _job.json goes first: until the new one is written, a re-run knows this is not a resume.
-        for name in (JOB_FILE, MANIFEST_FILE, MARKER_DIR, *[n for n in names if _PART_RE.fullmatch(n)]):
-            remove(fs, join(work, name), recursive=name == MARKER_DIR)
+        for name in (JOB_FILE, *sorted(n for n in names if n != JOB_FILE and _is_ours(n))):
+            remove(fs, join(work, name), recursive=True)
         if batch_file_exists:
             remove(batch_fs, batch_path)
     # The plan without its storage (credentials stay out of the output); load_plan takes it again.
@@ -452,7 +460,7 @@ def _read_markers(plan: JobPlan) -> dict[int, dict]:
 
 
 def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
-    """Aggregate the shard markers into manifest.json (and write the Batch output file, if any).
+    """Aggregate the shard markers into _manifest.json (and write the Batch output file, if any).
 
     ``wall_seconds`` is this run's wall time; tokens/s counts the shards this run committed.
     A job that was already finished when planned returns its existing manifest untouched.
@@ -498,7 +506,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         "tokens": tokens,
         "batches": sum(m["batches"] for m in ordered),
         "shards": [{"shard": m["shard"], "rows": m["rows"], "tokens": m["tokens"], "seconds": m["seconds"],
-                    "worker": m["worker"]} for m in ordered],
+                    "worker": m["worker"], "committed_at": m["committed_at"]} for m in ordered],
         "wall_seconds": float(wall_seconds),
         "engine_seconds": engine_seconds,
         "shard_seconds": sum(m["seconds"] for m in ordered),
@@ -513,7 +521,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
 
 def _remove_stale_temps(fs, work: str) -> None:
     """Temporary files of writers killed mid-write (local stores only; object stores leave none)."""
-    for directory in (work, join(work, MARKER_DIR)):
+    for directory in (work, join(work, MARKER_DIR), join(work, DATA_DIR)):
         for name in list_names(fs, directory):
             if name.startswith(".") and ".tmp-" in name:
                 remove(fs, join(directory, name))
@@ -536,8 +544,15 @@ def _write_batch_file(plan: JobPlan, markers: list[dict]) -> None:
     write_batch_output(plan.output, plan.storage, rows(), model=default_model, job_key=plan.job_key)
 
 
+def manifest_path(fs, work: str) -> str | None:
+    """Where the manifest of the job in ``work`` is (_manifest.json, or an older output's
+    manifest.json); None before the job is finished."""
+    return next((join(work, name) for name in (MANIFEST_FILE, LEGACY_MANIFEST_FILE) if exists(fs, join(work, name))),
+                None)
+
+
 def read_manifest(output: str, storage: Storage = LOCAL) -> dict | None:
     _, work_dir = output_layout(output)
     fs, work = storage.filesystem(work_dir)
-    path = join(work, MANIFEST_FILE)
-    return read_json(fs, path) if exists(fs, path) else None
+    path = manifest_path(fs, work)
+    return read_json(fs, path) if path else None

@@ -55,7 +55,7 @@ def test_ossbatch_run_backend_triton_equals_torch(tiny_model_dir, tmp_path):
             capture_output=True, text=True, env=env, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs[backend] = {r["id"]: r for r in pq.read_table(sorted(out.glob("*.parquet"))).to_pylist()}
+        outputs[backend] = {r["id"]: r for r in pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()}
     for row_id, expected in outputs["torch"].items():
         actual = outputs["triton"][row_id]
         assert actual["output_token_ids"] == expected["output_token_ids"]

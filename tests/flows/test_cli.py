@@ -30,7 +30,7 @@ def _write_jsonl(path, rows):
 
 
 def _read_output(out):
-    parts = sorted(out.glob("*.parquet"))
+    parts = sorted((out / "data").glob("*.parquet"))
     assert parts, f"no parquet in {out}"
     table = pa.concat_tables([pq.read_table(p) for p in parts])
     return {row["id"]: row for row in table.to_pylist()}, table
@@ -71,7 +71,7 @@ def test_jsonl_run_writes_parquet_manifest_and_accounting(tiny_model_dir, tmp_pa
     assert rows["d"]["status"] == "error" and "reasoning_effort" in rows["d"]["error"] and "extreme" in rows["d"]["error"]
     assert rows["e"]["status"] == "error" and "prompt" in rows["e"]["error"]
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows.values())
     assert manifest["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in rows.values())
 
@@ -131,7 +131,7 @@ def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="row b"):
         _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS), out, "--max-tokens", "4", "--temperature", "0")
-    assert not list(out.glob("*.parquet"))
+    assert not list(out.glob("**/*.parquet"))
 
 
 def test_two_kv_slots_refilled_give_every_row_what_a_wide_batch_gives(tiny_model_dir, tmp_path):
@@ -145,7 +145,7 @@ def test_two_kv_slots_refilled_give_every_row_what_a_wide_batch_gives(tiny_model
         assert narrow[rid]["output_token_ids"] == row["output_token_ids"]
         assert narrow[rid]["completion_tokens"] == rows[int(rid[1:])]["max_tokens"] or narrow[rid]["finish_reason"] == "stop"
         assert max(abs(a - b) for a, b in zip(narrow[rid]["output_logprobs"], row["output_logprobs"])) < 1e-4
-    manifest = json.loads((tmp_path / "narrow" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "narrow" / "_manifest.json").read_text())
     assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in narrow.values())
 
 

@@ -62,11 +62,11 @@ def test_run_through_prefect_matches_the_plain_run_and_publishes_progress(prefec
     assert main(["run", *common, "--output", str(tmp_path / "prefect")]) == 0
     assert main(["run", *common, "--output", str(tmp_path / "plain"), "--orchestrator", "none", "--quiet"]) == 0
 
-    with_prefect = _rows_by_id(pa.concat_tables([_table(p) for p in sorted((tmp_path / "prefect").glob("part-*"))]))
-    plain = _rows_by_id(pa.concat_tables([_table(p) for p in sorted((tmp_path / "plain").glob("part-*"))]))
+    with_prefect = _rows_by_id(pa.concat_tables([_table(p) for p in sorted((tmp_path / "prefect" / "data").glob("part-*"))]))
+    plain = _rows_by_id(pa.concat_tables([_table(p) for p in sorted((tmp_path / "plain" / "data").glob("part-*"))]))
     assert set(with_prefect) == {"q0", "q1", "q2", "q3"}
     assert {k: r["output_token_ids"] for k, r in with_prefect.items()} == {k: r["output_token_ids"] for k, r in plain.items()}
-    manifest = json.loads((tmp_path / "prefect" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "prefect" / "_manifest.json").read_text())
     assert manifest["rows"]["total"] == 4 and len(manifest["shards"]) == 2
 
     progress = [a for a in _artifacts(type="progress") if str(tmp_path / "prefect") in (a.description or "")]
@@ -93,7 +93,7 @@ def test_a_shard_that_fails_once_is_retried_and_the_job_completes(prefect_server
     manifest = batch_inference(job, quiet=True)
     assert calls == [0, 0, 1]  # shard 0 failed, was retried, then shard 1 ran
     assert manifest["rows"]["total"] == 4 and [s["shard"] for s in manifest["shards"]] == [0, 1]
-    ids = pa.concat_tables([_table(p) for p in sorted((tmp_path / "out").glob("part-*"))]).column("id").to_pylist()
+    ids = pa.concat_tables([_table(p) for p in sorted((tmp_path / "out" / "data").glob("part-*"))]).column("id").to_pylist()
     assert sorted(ids) == ["q0", "q1", "q2", "q3"]  # every row exactly once
 
 
@@ -122,7 +122,7 @@ def test_label_command_writes_labels_and_a_confusion_table(prefect_server, tiny_
         assert c["rows"] == sum(1 for r in rows.values() if (r["sentiment"], r["label"]) == (c["gold"], c["label"]))
     printed = capsys.readouterr().out
     assert "gold \\ label" in printed and f"agreement {sum(r['correct'] for r in rows.values())}/4" in printed
-    assert json.loads((root / "job" / "manifest.json").read_text())["rows"]["total"] == 4
+    assert json.loads((root / "job" / "_manifest.json").read_text())["rows"]["total"] == 4
     assert _artifacts(key="labels-reviews"), "the confusion table is published as a markdown artifact"
 
 
@@ -162,7 +162,7 @@ def test_synth_flow_expands_rows_into_seeded_samples_and_dedupes(prefect_server,
                         options=JobOptions(max_tokens=32, max_reasoning_tokens=2, seed=5), quiet=True)
     assert summary["rows"] == 2 and summary["requests"] == 8
 
-    job = pa.concat_tables([_table(p) for p in sorted((tmp_path / "synth" / "job").glob("part-*"))])
+    job = pa.concat_tables([_table(p) for p in sorted((tmp_path / "synth" / "job" / "data").glob("part-*"))])
     assert sorted(job.column("id").to_pylist()) == [f"t{i}#{k}" for i in (1, 2) for k in range(4)]
     samples = _table(tmp_path / "synth" / "samples.parquet")
     assert samples.column_names[:4] == ["id", "sample", "seed", "request_id"] and "topic" in samples.column_names
@@ -209,7 +209,7 @@ def test_eval_flow_grades_records_history_and_reports_the_change(prefect_server,
     summary_table = _table(tmp_path / "evals" / "night2" / "summary.parquet").to_pylist()
     assert summary_table[0]["accuracy"] == pytest.approx(correct / 4)
 
-    manifest = json.loads((tmp_path / "evals" / "night2" / "job" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "evals" / "night2" / "job" / "_manifest.json").read_text())
     assert second["tokens"]["prompt"] == manifest["tokens"]["prompt"] > 0
     assert second["cost"]["total"] == pytest.approx(
         manifest["tokens"]["prompt"] * 0.5 / 1e6 + manifest["tokens"]["completion"] * 2.0 / 1e6)

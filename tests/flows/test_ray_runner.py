@@ -31,7 +31,7 @@ def _loopback_namespace_error() -> str | None:
 
 
 def _rows(out) -> dict:
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("part-*.parquet"))])
     return {r["id"]: r for r in table.to_pylist()}
 
 
@@ -65,7 +65,7 @@ def test_ray_runner_matches_the_local_runner(tiny_model_dir, tmp_path):
     fields = ["status", "output_token_ids", "completion_tokens", "output_text", "error", "n"]
     assert {k: [r[f] for f in fields] for k, r in on_ray.items()} == {k: [r[f] for f in fields] for k, r in local.items()}
 
-    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "ray" / "_manifest.json").read_text())
     workers = [s["worker"] for s in manifest["shards"]]
     assert len(workers) == 4 and all(w.startswith("ray:") for w in workers)
     assert len(set(workers)) == 2  # two actors, each reused across shards

@@ -80,5 +80,5 @@ def test_label_and_eval_roots_add_their_charts(tmp_path):
 
 
 def test_report_of_a_folder_without_a_job_is_refused(tmp_path):
-    with pytest.raises(report.InputError, match="no manifest.json"):
+    with pytest.raises(report.InputError, match="no _manifest.json"):
         report.gather(str(tmp_path))

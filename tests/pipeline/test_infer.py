@@ -34,7 +34,7 @@ def test_a_second_job_changing_only_temperature_reuses_the_loaded_engine(tiny_mo
     hot = run("hot", temperature=1.3)
     assert len(loads) == 1  # one model for both jobs
     assert greedy["job_key"] != hot["job_key"]  # yet two jobs: temperature is part of the identity
-    assert pq.read_table(tmp_path / "hot" / "part-00000.parquet").num_rows == 3
+    assert pq.read_table(tmp_path / "hot" / "data" / "part-00000.parquet").num_rows == 3
 
     run("bf16", temperature=0.0, dtype="bfloat16")
     assert len(loads) == 2  # a different engine setting is a different model

@@ -80,7 +80,7 @@ def test_manifest_counts_what_sharing_saved(tiny_model_dir, tmp_path):
               options=JobOptions(temperature=0.0, max_tokens=3))
     manifest = run_job(job_spec(job), ShardInferencer(job))
     tokens = manifest["tokens"]
-    cached = pq.read_table(tmp_path / "out" / "part-00000.parquet").column("cached_prompt_tokens").to_pylist()
+    cached = pq.read_table(tmp_path / "out" / "data" / "part-00000.parquet").column("cached_prompt_tokens").to_pylist()
     assert tokens["cached_prompt"] == sum(cached) > 0 and len(set(cached)) == 1
     assert tokens["prompt_computed"] == tokens["prompt"] - 4 * cached[0]  # the prefix computed once for five rows
     assert tokens["kv_bytes_saved"] > 0

@@ -79,7 +79,7 @@ def test_batch_file_in_batch_file_out(tmp_path):
     manifest = run_job(JobSpec(inputs=inputs, output=str(output), shard_rows=4), FakeEngine())
     check_output(parse_output(output.read_text()), "batch.jsonl")
     assert manifest["output"]["format"] == "batch_jsonl"
-    assert (tmp_path / "results.jsonl.parts" / "manifest.json").exists()
+    assert (tmp_path / "results.jsonl.parts" / "_manifest.json").exists()
     assert manifest["rows"] == {"total": 6, "ok": 2, "length": 2, "error": 2}
 
     first = output.read_bytes()
@@ -91,7 +91,7 @@ def test_batch_file_on_s3(s3):
     inputs = s3.put("batches/in.jsonl", jsonl_bytes(batch_lines()))
     run_job(JobSpec(inputs=inputs, output=s3.uri("batches/out.jsonl"), shard_rows=2), FakeEngine())
     check_output(parse_output(s3.fs.cat(f"{s3.bucket}/batches/out.jsonl").decode()), "in.jsonl")
-    assert s3.fs.exists(f"{s3.bucket}/batches/out.jsonl.parts/manifest.json")
+    assert s3.fs.exists(f"{s3.bucket}/batches/out.jsonl.parts/_manifest.json")
 
 
 def test_an_existing_batch_output_is_not_replaced_without_overwrite(tmp_path):

@@ -22,7 +22,7 @@ def _run(tiny_model_dir, tmp_path, rows, *extra):
     out = tmp_path / "out"
     assert main(["run", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out), "--orchestrator", "none",
                  "--quiet", "--temperature", "1.0", "--max-tokens", "160", "--max-reasoning-tokens", "6", "--keep-token-ids", *extra]) == 0
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("*.parquet"))])
     return {r["id"]: r for r in table.to_pylist()}
 
 

@@ -28,9 +28,9 @@ def spec(inputs, output, **kw):
 
 
 def output_dataset(output: str) -> ds.Dataset:
-    # The output folder also holds manifest.json, so readers name the parts: OUTPUT/*.parquet.
+    # OUTPUT/data holds nothing but the parts: the folder is the dataset.
     fs, path = LOCAL.filesystem(output)
-    return ds.dataset(sorted(fs.glob(path + "/*.parquet")), filesystem=fs, format="parquet")
+    return ds.dataset(path + "/data", filesystem=fs, format="parquet")
 
 
 def output_ids(output: str) -> list[str]:
@@ -97,8 +97,9 @@ def test_changed_input_model_or_settings_is_refused_without_overwrite(tmp_path):
 
     manifest = run_job(spec(str(path), out, overwrite=True), engine)
     assert sorted(output_ids(str(out))) == [f"new{i:05d}" for i in range(5)]
-    assert manifest["output"]["parts"] == ["part-00000.parquet"]
-    assert sorted(p.name for p in out.iterdir()) == ["_job.json", "_shards", "manifest.json", "part-00000.parquet"]
+    assert manifest["output"]["parts"] == ["data/part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_job.json", "_manifest.json", "_shards", "data"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["part-00000.parquet"]
 
 
 def test_overwrite_does_not_throw_away_progress_of_the_same_job(tmp_path):
@@ -135,7 +136,7 @@ def test_part_written_without_marker_is_redone_and_not_duplicated(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         for shard in pending_shards(plan):
             commit_shard(plan, shard, *engine(read_shard(plan, shard)), worker="w1", seconds=1.0)
-    assert (out / "part-00001.parquet").exists() and pending_shards(plan) == [1, 2]
+    assert (out / "data" / "part-00001.parquet").exists() and pending_shards(plan) == [1, 2]
     monkeypatch.setattr(job_module, "write_json_atomic", real_write_json)
 
     rerun = FakeEngine()
@@ -143,7 +144,7 @@ def test_part_written_without_marker_is_redone_and_not_duplicated(tmp_path, monk
     assert rerun.shards_seen[0][0] == "r00010"
     ids = output_ids(str(out))
     assert len(ids) == len(set(ids)) == 25
-    assert manifest["output"]["parts"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert manifest["output"]["parts"] == ["data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"]
 
 
 def test_commit_checks_results_and_keeps_the_first_commit(tmp_path):
@@ -156,7 +157,7 @@ def test_commit_checks_results_and_keeps_the_first_commit(tmp_path):
         commit_shard(plan, 0, results[:3] + results[:1], stats)
     with pytest.raises(ValueError, match="status 'done'"):
         commit_shard(plan, 0, results[:3] + [{**results[3], "status": "done"}], stats)
-    assert pending_shards(plan) == [0] and not (tmp_path / "out" / "part-00000.parquet").exists()
+    assert pending_shards(plan) == [0] and not (tmp_path / "out" / "data" / "part-00000.parquet").exists()
     first = commit_shard(plan, 0, results, stats, worker="first", seconds=2.0)
     second = commit_shard(plan, 0, results, stats, worker="second", seconds=3.0)
     assert first == second and second["worker"] == "first"
@@ -186,7 +187,7 @@ def test_manifest_counts_statuses_tokens_and_shards(tmp_path):
     assert [(s["shard"], s["rows"], s["worker"]) for s in manifest["shards"]] == [(0, 5, "gpu-0"), (1, 5, "gpu-0"), (2, 4, "gpu-0")]
     assert manifest["model"] == MODEL and manifest["settings"] == {"temperature": 1.0}
     assert manifest["input"]["rows"] == 14 and manifest["input"]["files"][0]["version"].startswith("sha256:")
-    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    on_disk = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert on_disk == manifest
 
     text = format_manifest(str(tmp_path / "out"))
@@ -210,7 +211,7 @@ def test_output_schema_is_the_same_in_every_shard(tmp_path):
             {"id": "c", "prompt": "x", "score": 2.5, "status": "from input"}]
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
     run_job(spec(inputs, tmp_path / "out", shard_rows=1), FakeEngine())
-    schemas = {pq.read_schema(p).remove_metadata() for p in sorted((tmp_path / "out").glob("part-*.parquet"))}
+    schemas = {pq.read_schema(p).remove_metadata() for p in sorted((tmp_path / "out" / "data").glob("part-*.parquet"))}
     assert len(schemas) == 1
     (schema,) = schemas
     assert schema.field("prompt_tokens").type == pa.int64()
@@ -236,7 +237,7 @@ def test_parquet_passthrough_keeps_its_arrow_types(tmp_path):
     })
     pq.write_table(table, tmp_path / "in.parquet")
     run_job(spec(str(tmp_path / "in.parquet"), tmp_path / "out"), FakeEngine())
-    out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    out = pq.read_table(tmp_path / "out" / "data" / "part-00000.parquet")
     assert out.schema.field("when").type == pa.timestamp("ms", tz="UTC")
     assert out.column("labels").to_pylist() == [["p", "q"], []]
 
@@ -289,7 +290,7 @@ def test_job_on_s3_commits_once_and_resumes(s3):
     assert resumed.ids_seen == [f"r{i:05d}" for i in range(20, 25)]
     assert sorted(output_ids(s3.uri("out"))) == [f"r{i:05d}" for i in range(25)]
     assert manifest["rows"]["total"] == 25 and manifest["resumed_shards"] == 2
-    assert json.loads(s3.fs.cat(f"{s3.bucket}/out/manifest.json")) == manifest
+    assert json.loads(s3.fs.cat(f"{s3.bucket}/out/_manifest.json")) == manifest
     assert "25 total: 25 ok" in format_manifest(s3.uri("out"))
 
     s3.put("in/part-1.jsonl", jsonl_bytes(prompt_rows(3, start=12)))
@@ -316,7 +317,7 @@ def test_s3_failure_mid_write_leaves_no_committed_shard(s3, monkeypatch):
     with pytest.raises(OSError, match="connection reset"):
         commit_shard(plan, 0, results, stats)
     s3.fs.invalidate_cache()
-    assert not s3.fs.exists(f"{s3.bucket}/out/part-00000.parquet")
+    assert not s3.fs.exists(f"{s3.bucket}/out/data/part-00000.parquet")
     assert not s3.fs.exists(f"{s3.bucket}/out/_shards/shard-00000.json")
     assert pending_shards(plan) == [0, 1]
     # No multipart upload is left open either: it was aborted, not abandoned.
@@ -325,7 +326,7 @@ def test_s3_failure_mid_write_leaves_no_committed_shard(s3, monkeypatch):
     monkeypatch.setattr(write_module, "write_parquet", real_write)
     commit_shard(plan, 0, results, stats)
     assert pending_shards(plan) == [1]
-    assert pq.read_table(s3.fs.open(f"{s3.bucket}/out/part-00000.parquet", "rb")).num_rows == 4
+    assert pq.read_table(s3.fs.open(f"{s3.bucket}/out/data/part-00000.parquet", "rb")).num_rows == 4
 
 
 
@@ -368,6 +369,7 @@ def test_job_on_the_memory_filesystem():
     manifest = run_job(spec("memory://ossbatch-job/in.jsonl", "memory://ossbatch-job/out.jsonl"), FakeEngine())
     lines = fs.cat_file("/ossbatch-job/out.jsonl").decode().splitlines()
     assert manifest["rows"]["total"] == 12 and len(lines) == 12
-    assert sorted(fs.ls("/ossbatch-job/out.jsonl.parts", detail=False))[:2] == [
-        "/ossbatch-job/out.jsonl.parts/_job.json", "/ossbatch-job/out.jsonl.parts/_shards"]
+    assert sorted(fs.ls("/ossbatch-job/out.jsonl.parts", detail=False)) == [
+        "/ossbatch-job/out.jsonl.parts/_job.json", "/ossbatch-job/out.jsonl.parts/_manifest.json",
+        "/ossbatch-job/out.jsonl.parts/_shards", "/ossbatch-job/out.jsonl.parts/data"]
     fs.rm("/ossbatch-job", recursive=True)

@@ -75,9 +75,9 @@ def test_killed_jobs_rerun_to_every_id_exactly_once(tmp_path):
             kill_after(proc, log, *outside)
         assert proc.wait(timeout=60) == -signal.SIGKILL, stderr_of(log)
         if die_at == "marker:2":  # an orphan part: committed data, no marker
-            assert (out / "part-00002.parquet").exists() and committed(out) == {0, 1}
+            assert (out / "data" / "part-00002.parquet").exists() and committed(out) == {0, 1}
         if die_at == "part:4":  # a torn temporary file, never under the part's name
-            assert list(out.glob(".part-00004.parquet.tmp-*")) and not (out / "part-00004.parquet").exists()
+            assert list((out / "data").glob(".part-00004.parquet.tmp-*")) and not (out / "data" / "part-00004.parquet").exists()
 
     before_each_run_final = committed(out)
     final = start(source, out, log)
@@ -85,10 +85,10 @@ def test_killed_jobs_rerun_to_every_id_exactly_once(tmp_path):
     assert final.wait(timeout=60) == 0, stderr_of(log)
 
     assert committed(out) == set(range(SHARDS))
-    ids = ds.dataset(sorted(str(p) for p in out.glob("*.parquet")), format="parquet").to_table().column("id").to_pylist()
+    ids = ds.dataset(str(out / "data"), format="parquet").to_table().column("id").to_pylist()
     assert sorted(ids) == [f"r{i:05d}" for i in range(ROWS)]  # every id, exactly once
     assert not [p.name for p in out.rglob(".*tmp-*")]  # no temporary file survives finalize
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"]["total"] == ROWS and len(manifest["shards"]) == SHARDS
 
     runs = logged_runs(log)
