@@ -49,3 +49,21 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, onednn_precision: str = "ieee") -> float:
+    """float32 `torch.mm` at n^3; with onednn_precision="bf16", oneDNN's bf16 fpmath mode (what
+    `--fp32-matmul auto` picks when its probe shows float32-level error)."""
+    import time
+
+    import torch
+
+    from ossbatch.engine.precision import onednn_fp32_precision
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with onednn_fp32_precision(onednn_precision):
+        torch.mm(a, b)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9

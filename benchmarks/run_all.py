@@ -25,26 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, ROOT, bench_model_dir, prompts_text, rendered_prompts, table
+from common import CACHE, ROOT, bench_model_dir, matmul_peak_gflops, prompts_text, rendered_prompts, table
 from engine_throughput import transformers_generate
 
 from ossbatch.engine.config import ModelConfig, read_config
 
 GIB = 1 << 30
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10, onednn_precision: str = "ieee") -> float:
-    """float32 `torch.mm` at n^3; with onednn_precision="bf16", oneDNN's bf16 fpmath mode (what
-    `--fp32-matmul auto` picks when its probe shows float32-level error)."""
-    from ossbatch.engine.precision import onednn_fp32_precision
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    with onednn_fp32_precision(onednn_precision):
-        torch.mm(a, b)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            torch.mm(a, b)
-        return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def import_torch_seconds() -> float:

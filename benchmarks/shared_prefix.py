@@ -17,7 +17,7 @@ import argparse
 import random
 import time
 
-from common import bench_model_dir, table
+from common import bench_model_dir, matmul_peak_gflops, table
 
 from ossbatch.pipeline.config import Job, JobOptions
 from ossbatch.pipeline.infer import ShardInferencer
@@ -92,7 +92,7 @@ def main():
     rows = report("labeling", labeling_requests(args.rows, args.prefix_tokens, item), dict(options, temperature=0.0))
     rows += report(f"synth --n {args.n}", synth_requests(args.n_prompts, args.n, item), dict(options, temperature=1.0))
     print(f"float32, torch backend, {args.new_tokens} new tokens per row, batch tokens {args.batch_tokens}, "
-          f"at most {args.max_batch_rows} rows a run")
+          f"at most {args.max_batch_rows} rows a run; float32 matmul peak in this run: {matmul_peak_gflops():.0f} GFLOP/s (IEEE)")
     print(table(["job", "prefixes", "rows", "prompt tokens", "unique", "computed", "computed/unique", "KV held", "wall s",
                  "gen tok/s"], rows))
 

@@ -30,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import CACHE, table
+from common import CACHE, matmul_peak_gflops, table
 
 from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
@@ -148,6 +148,7 @@ def main() -> None:
         measure("part: python + ossbatch.flows.cli import",
                 lambda n: python_seconds("import ossbatch.flows.cli", none_env))
 
+    print(f"float32 matmul peak in this run: {matmul_peak_gflops():.0f} GFLOP/s (IEEE): a slow machine shows here first")
     print(table(["start-up", "median s", f"runs (s), {args.repeats} each"], rows))
 
 
