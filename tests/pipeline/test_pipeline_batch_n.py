@@ -158,3 +158,19 @@ def test_n_choices_share_one_prefill_and_sample_apart(tiny_model_dir, tmp_path):
         assert body.usage.prompt_tokens == choices[0]["prompt_tokens"]
         assert body.usage.completion_tokens == sum(r["completion_tokens"] for r in choices)
         assert body.usage.prompt_tokens_details.cached_tokens == choices[0]["prompt_tokens"] - 1
+
+
+def test_a_parquet_batch_input_with_n(tmp_path):
+    import pyarrow as pa
+
+    batch = [chat_line("p", "Name a colour", n=2, seed=3), chat_line("q", "Once", n=1, seed=4)]
+    pq.write_table(pa.Table.from_pylist(batch), tmp_path / "batch.parquet")
+    output = tmp_path / "results.jsonl"
+    run_job(JobSpec(inputs=str(tmp_path / "batch.parquet"), output=str(output)), FakeEngine())
+    by_id = parse(output.read_text())
+    assert list(by_id) == ["p", "q"]
+    assert [c.message.content for c in ChatCompletion.model_validate(by_id["p"]["response"]["body"]).choices] == \
+        ["answer to p#0", "answer to p#1"]
+    pq.write_table(pa.Table.from_pylist([*batch, chat_line("p#1", "clash")]), tmp_path / "clash.parquet")
+    with pytest.raises(InputError, match="'p#1'"):  # the planner reads the bodies' n for the choice ids
+        plan_job(JobSpec(inputs=str(tmp_path / "clash.parquet"), output=str(tmp_path / "clash")))
