@@ -130,8 +130,8 @@ def batch_output_line(rows: dict | list[dict], *, model: str, created: int, job_
     failed = next((r for r in rows if r.get("status") == "error"), None)
     if failed is not None:
         message = failed.get("error") or "failed"
-        if failed.get(CHOICE_COLUMN) is not None:
-            message = f"choice {failed[CHOICE_COLUMN]} of {len(rows)}: {message}"
+        if _choice_index(failed) is not None:
+            message = f"choice {_choice_index(failed)} of {len(rows)}: {message}"
         line.update(response=None, error={"code": ERROR_CODE, "message": message, "param": None, "line": None})
         return line
     model = first.get("model") or model
@@ -188,8 +188,13 @@ def expand_choices(record: dict, request: dict) -> list[dict]:
             for i in range(n)]
 
 
-def _choice_index(row: dict):
-    return row.get(CHOICE_COLUMN, (row.get("passthrough") or {}).get(CHOICE_COLUMN))
+def _choice_index(row: dict) -> int | None:
+    """A choice row's index (from its part-file column or, before commit, its passthrough); None
+    for any other row, such as a plain row whose input has a column of that name."""
+    index = row.get(CHOICE_COLUMN, (row.get("passthrough") or {}).get(CHOICE_COLUMN))
+    if row.get("request_kind") != "chat" or type(index) is not int or not str(row.get("id")).endswith(f"#{index}"):
+        return None
+    return index
 
 
 def source_id(row: dict) -> str:

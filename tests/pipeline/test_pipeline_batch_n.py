@@ -115,9 +115,11 @@ def test_a_failed_choice_fails_its_line():
 
 def test_a_shard_commits_a_line_with_all_its_choices_in_order():
     def result(rid, index=None):
-        return {"id": rid, "status": "ok", "passthrough": {} if index is None else {"choice_index": index}}
+        return {"id": rid, "status": "ok", "request_kind": "chat", "passthrough": {} if index is None else {"choice_index": index}}
 
     check_results([result("a#0", 0), result("a#1", 1), result("b")], 2, 0)
+    # A plain row's own column called choice_index is no choice: each such row is a line of its own.
+    check_results([{"id": f"r{i}#1", "status": "ok", "request_kind": "row", "passthrough": {"choice_index": 1}} for i in range(2)], 2, 0)
     with pytest.raises(ValueError, match="choice 1 does not follow"):
         check_results([result("a#0", 0), result("b"), result("a#1", 1)], 2, 0)
     with pytest.raises(ValueError, match="3 results for 3 requests"):
