@@ -7,12 +7,12 @@ finalize rewrites the same file byte for byte.
 
 ``n`` (chat completions, 1..128) runs as n rows over one prompt: `expand_choices` turns the line's
 request into n requests when a shard is read, ids ``"{custom_id}#{i}"`` (as ``ossbatch synth``
-names its samples), each with passthrough ``choice_index`` = i. Choice i's seed is
-``row_seed(base, "{custom_id}#{i}")`` with base the body's ``seed``, else the job's ``--seed`` (the
-run stage derives that one from the row id), so the n choices sample apart even with one seed,
-and a re-run samples each the same way; this is the seed ``synth`` gives sample i. The n rows
-render to one prompt, so the run stage shares it: the prompt is prefilled once and each row
-reports ``cached_prompt_tokens`` for it. In a Parquet output the line is those n rows (``id``
+names its samples), each with passthrough ``choice_index`` = i. Choice i's seed is a hash of a
+base seed and its id ``"{custom_id}#{i}"``: with the body's ``seed`` as base, `choice_seed` sets it
+on the request; without one, the run stage derives it from the job's ``--seed`` and the row id as
+for any row. So the n choices sample apart even with one seed, and a re-run samples each the
+same way. The n rows render to one prompt, so the run stage shares it: the prompt is prefilled
+once and each row reports ``cached_prompt_tokens`` for it. In a Parquet output the line is those n rows (``id``
 ``"{custom_id}#{i}"``, column ``choice_index``; null for lines without n). The Batch file folds
 them back (`fold_choices`) into one line whose body has ``choices[0..n-1]`` and usage as OpenAI
 counts n: the prompt once, completion (and reasoning) tokens summed over the choices, cached tokens
@@ -171,9 +171,11 @@ def planned_ids(record: dict, fallback: str) -> list[str]:
 
 
 def choice_seed(base_seed: int, custom_id: str, index: int) -> int:
+    """Choice ``index``'s seed when the body gives one: a stable hash of that seed and the choice
+    id, taken to 0..2^63-1 (the range an explicit seed may take)."""
     from ossbatch.pipeline.infer import row_seed  # imported here: reading a shard needs no torch
 
-    return row_seed(base_seed, choice_id(custom_id, index))
+    return row_seed(base_seed, choice_id(custom_id, index)) % (1 << 63)
 
 
 def expand_choices(record: dict, request: dict) -> list[dict]:

@@ -80,6 +80,7 @@ def test_each_choice_has_its_own_seed(tmp_path):
     requests = {r["id"]: r for r in read_shard(plan, 0)}
     seeds = [requests[f"three#{i}"]["seed"] for i in range(3)]
     assert len(set(seeds)) == 3 and seeds == [choice_seed(7, "three", i) for i in range(3)]
+    assert all(0 <= seed < 1 << 63 for seed in seeds)  # in the range an explicit seed may take
     assert seeds == [r["seed"] for r in read_shard(plan, 0) if r["id"].startswith("three#")]  # the same on a re-read
     # Without a seed in the body, the run stage derives each choice's from the job seed and its own id.
     assert [requests[f"two-unseeded#{i}"]["seed"] for i in range(2)] == [None, None]
