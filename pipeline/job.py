@@ -33,13 +33,13 @@ import jsonschema
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ossbatch.pipeline.batch_api import iter_part_rows, write_batch_output
+from ossbatch.pipeline.batch_api import CHOICE_COLUMN, choices_of, count_lines, iter_part_rows, planned_ids, write_batch_output
 from ossbatch.pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
 from ossbatch.pipeline.storage import (
     LOCAL, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
     read_json, remove, write_json_atomic,
 )
-from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of, record_id
+from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of
 from ossbatch.pipeline.write import (
     PassthroughTypes, STATUSES, decode_schema, encode_schema, results_table, shard_summary,
     write_parquet_atomic,
@@ -223,8 +223,11 @@ def _scan_jsonl(file: InputFile, index: int, storage: Storage, builder, ids, typ
             if isinstance(record, BadLine):
                 ids.add(fallback)
             else:
-                ids.add(record_id(record, fallback))
+                for request_id in planned_ids(record, fallback):  # n choices take n ids
+                    ids.add(request_id)
                 types.observe_values(passthrough_of(record))
+                if choices_of(record) > 1:
+                    types.observe_values({CHOICE_COLUMN: 0})
             rows += 1
     # The content hash replaces the etag/mtime: a JSONL re-written with the same rows still resumes.
     file.version = "sha256:" + digest.hexdigest()
@@ -238,12 +241,18 @@ def _scan_parquet(file: InputFile, index: int, storage: Storage, builder, ids, t
         file.rows = reader.metadata.num_rows
         builder.add(index, 0, file.rows)
         batch_form = "body" in names and any(c in names for c in ("url", "custom_id", "method"))
+        body_type = schema.field("body").type if batch_form else None
+        with_choices = batch_form and pa.types.is_struct(body_type) and body_type.get_field_index("n") >= 0
         if batch_form:
             types.observe_arrow(schema, [c for c in names if c not in BATCH_FIELDS])
             types.observe_values({"model": ""})
+            if with_choices:
+                types.observe_values({CHOICE_COLUMN: 0})
         else:
             types.observe_arrow(schema, [c for c in names if c not in PLAIN_FIELDS])
         id_columns = [c for c in ("id", "custom_id") if c in names]
+        if with_choices:  # a body's n gives its line n choice ids
+            id_columns += [c for c in ("url", "method", "body") if c in names]
         if not id_columns:
             for row in range(1, file.rows + 1):
                 ids.add(f"{file.label}:{row}")
@@ -253,7 +262,8 @@ def _scan_parquet(file: InputFile, index: int, storage: Storage, builder, ids, t
         for batch in reader.iter_batches(batch_size=ID_CHUNK, columns=id_columns):
             columns = [batch.column(c).to_pylist() for c in id_columns]
             for i, values in enumerate(zip(*columns)):
-                ids.add(record_id(dict(zip(id_columns, values)), f"{file.label}:{row + i + 1}"))
+                for request_id in planned_ids(dict(zip(id_columns, values)), f"{file.label}:{row + i + 1}"):
+                    ids.add(request_id)
             row += batch.num_rows
 
 
@@ -393,9 +403,15 @@ def pending_shards(plan: JobPlan) -> list[int]:
 
 
 def check_results(results: list[dict], expected_rows: int, shard_index: int) -> None:
-    """One result per request, each id once, known statuses: a shard is committed whole or not at all."""
-    if len(results) != expected_rows:
-        raise ValueError(f"shard {shard_index}: {len(results)} results for {expected_rows} requests")
+    """One result per request (a line's n choices counted once), each id once, known statuses:
+    a shard is committed whole or not at all."""
+    try:
+        lines = count_lines(results)
+    except ValueError as err:
+        raise ValueError(f"shard {shard_index}: {err}") from None
+    if lines != expected_rows:
+        answered = f" (answering {lines} input rows, a line's choices counted once)" if lines != len(results) else ""
+        raise ValueError(f"shard {shard_index}: {len(results)} results for {expected_rows} requests{answered}")
     seen: set[str] = set()
     for r in results:
         rid = r.get("id")

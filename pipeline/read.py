@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
+from ossbatch.pipeline.batch_api import expand_choices
 from ossbatch.pipeline.storage import LOCAL, InputFile, Storage, compression_of, expand_inputs
 from ossbatch.pipeline.validate import error_request, normalize
 
@@ -185,13 +186,14 @@ def where_of(file: InputFile, number: int) -> str:
 
 
 def requests_from(file: InputFile, records: Iterable[tuple[int, dict | BadLine]]) -> Iterator[dict]:
-    """Normalized requests; ids of rows that have none are "label:line"."""
+    """Normalized requests; ids of rows that have none are "label:line". A Batch line with
+    ``n`` choices gives n requests (see batch_api.expand_choices)."""
     for number, record in records:
         fallback = f"{file.label}:{number}"
         if isinstance(record, BadLine):
             yield error_request(fallback, record.message)
         else:
-            yield normalize(record, fallback_id=fallback, where=where_of(file, number))
+            yield from expand_choices(record, normalize(record, fallback_id=fallback, where=where_of(file, number)))
 
 
 def read_ranges(files: list[InputFile], ranges: list[dict], storage: Storage = LOCAL) -> Iterator[dict]:
