@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow.parquet as pq
 
 from ossbatch.pipeline.storage import LOCAL, InputFile, Storage, compression_of, expand_inputs
-from ossbatch.pipeline.validate import error_request, normalize
+from ossbatch.pipeline.validate import MAX_NESTING, error_request, normalize
 
 READ_BLOCK_BYTES = 1 << 20
 # s3fs reads ahead 50 MB by default; a shard is usually much smaller than that.
@@ -66,6 +66,8 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | BadLine:
         return BadLine(f"{where}: not valid UTF-8")
     except json.JSONDecodeError as err:
         return BadLine(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+    except RecursionError:
+        return BadLine(f"{where}: nested more than {MAX_NESTING} levels deep")
     if not isinstance(record, dict):
         return BadLine(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record

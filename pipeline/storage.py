@@ -173,13 +173,19 @@ def _listed(fs, path: str) -> list[tuple[str, dict]]:
         return []
     if info.get("type") != "directory":
         return [(path, info)]
-    # A directory means its data files, not the _SUCCESS / .crc litter other tools leave.
+    # A directory means its data files, not the _SUCCESS / .crc / _temporary / .ipynb_checkpoints
+    # litter other tools leave: any path component under it starting with "_" or "." is hidden
+    # (Spark's and Hadoop's convention).
     found = fs.find(path, detail=True)
+    root = path.rstrip("/") + "/"
     return sorted(
-        ((p, i) for p, i in found.items()
-         if input_format(p) and not posixpath.basename(p).startswith(("_", "."))),
+        ((p, i) for p, i in found.items() if input_format(p) and not _hidden(p[len(root):] if p.startswith(root) else p)),
         key=lambda item: item[0],
     )
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
 def version_tag(info: dict) -> str:
