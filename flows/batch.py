@@ -15,7 +15,7 @@ from ossbatch.flows.progress import Progress
 from ossbatch.pipeline.config import Job
 from ossbatch.pipeline.driver import job_spec, run_shard
 from ossbatch.pipeline.infer import ShardInferencer
-from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job
+from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job, releasing_output
 
 __all__ = ["batch_inference", "shard_task"]
 
@@ -56,19 +56,20 @@ def batch_inference(job: Job, quiet: bool = False) -> dict:
     """Runs ``job`` (its storage options show as ********** among the flow run's parameters).
     Returns the manifest."""
     started = time.monotonic()
-    plan = plan_job(job_spec(job))
-    pending = pending_shards(plan)
-    progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet,
-                        publish=_progress_artifact(plan, pending))
-    get_run_logger().info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
-    if job.options.runner == "ray":
-        from ossbatch.flows.ray_runner import run_shards_on_ray
+    plan = plan_job(job_spec(job))  # holds the output's lease until finalize_job releases it
+    with releasing_output(plan):  # or until the flow fails: the next run need not wait for it to lapse
+        pending = pending_shards(plan)
+        progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet,
+                            publish=_progress_artifact(plan, pending))
+        get_run_logger().info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
+        if job.options.runner == "ray":
+            from ossbatch.flows.ray_runner import run_shards_on_ray
 
-        run_shards_on_ray(plan, pending, job, progress)
-    else:
-        infer = ShardInferencer(job)  # the model loads with the first pending shard
-        for shard_index in pending:
-            progress.committed(shard_task(plan, shard_index, infer))
-    manifest = finalize_job(plan, time.monotonic() - started)
+            run_shards_on_ray(plan, pending, job, progress)
+        else:
+            infer = ShardInferencer(job)  # the model loads with the first pending shard
+            for shard_index in pending:
+                progress.committed(shard_task(plan, shard_index, infer))
+        manifest = finalize_job(plan, time.monotonic() - started)
     progress.close(manifest)
     return manifest

@@ -16,6 +16,7 @@ one process or a shard per Prefect task or Ray actor; JobPlan is plain data (``t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,10 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ossbatch.pipeline.batch_api import iter_part_rows, write_batch_output
-from ossbatch.pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
+from ossbatch.pipeline.lease import DEFAULT_TTL_SECONDS, Lease, LeaseHeld, acquire, check_held, is_lease_file
+from ossbatch.pipeline.read import (
+    BadLine, input_errors, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges,
+)
 from ossbatch.pipeline.storage import (
-    LOCAL, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
-    read_json, remove, write_json_atomic,
+    LOCAL, LOCAL_PROTOCOLS, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
+    protocol_of, read_json, remove, storage_error, write_json_atomic,
 )
 from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of, record_id
 from ossbatch.pipeline.write import (
@@ -52,6 +56,9 @@ DEFAULT_SHARD_ROWS = 10_000
 ID_CHUNK = 65_536
 DUPLICATES_NAMED = 20
 TOKEN_KEYS = ("prompt", "reasoning", "output", "completion", "padded_prompt_slots", "decode_slots")
+# How long a run's lease on its output outlives its last renewal (it renews every quarter of it):
+# the wait before another host may take over the output of a run that died without releasing it.
+LEASE_TTL_SECONDS = DEFAULT_TTL_SECONDS
 
 
 @dataclass
@@ -83,6 +90,7 @@ class JobPlan:
     passthrough_schema: str  # base64 Arrow IPC schema of the passthrough columns
     already_committed: list[int]  # shards committed before this plan was made (a resume)
     planned_at: str
+    lease: dict = field(default_factory=dict)  # {"generation", "token"} of the lease the plan holds the output by
 
     @property
     def num_shards(self) -> int:
@@ -259,7 +267,91 @@ def _duplicate_error(duplicates: list[tuple[str, int]]) -> InputError:
 
 
 def _is_ours(name: str) -> bool:
-    return name in (JOB_FILE, MANIFEST_FILE, MARKER_DIR) or bool(_PART_RE.fullmatch(name))
+    return name in (JOB_FILE, MANIFEST_FILE, MARKER_DIR) or bool(_PART_RE.fullmatch(name)) or is_lease_file(name)
+
+
+# This process's live leases, by output work dir: plan_job takes one, finalize_job (or release_output)
+# hands it back. A Lease holds a filesystem and a thread, so it stays here, never in the plan.
+_held: dict[str, Lease] = {}
+
+
+def _lease_key(fs, work: str) -> str:
+    return fs.unstrip_protocol(work)
+
+
+def _take_output(storage: Storage, output: str, work_dir: str) -> Lease:
+    """The output's lease, renewed in the background until released; the first write of a job,
+    so an output we may not write fails here, before any work."""
+    fs, work = storage.filesystem(work_dir)
+    key = _lease_key(fs, work)
+    mine = _held.pop(key, None)
+    if mine is not None:  # this process planned the output before (an earlier attempt): hand it on
+        release_lease(mine)
+    try:
+        lease = acquire(fs, work, LEASE_TTL_SECONDS)
+    except LeaseHeld as err:
+        raise LeaseHeld(str(err).replace(work, output, 1)) from None
+    except (OSError, ValueError) as err:  # s3fs and botocore errors are OSErrors (or carry their code)
+        raise storage_error(err, output, "cannot write the output") from err
+    except Exception as err:  # noqa: BLE001 - e.g. botocore's NoCredentialsError: not an OSError
+        raise storage_error(err, output, "cannot write the output") from err
+    _held[key] = lease.keep_alive()
+    return lease
+
+
+def release_lease(lease: Lease, remove_file: bool = False) -> None:
+    try:
+        lease.release()
+        if remove_file and lease.holder.released:  # released: it was still ours
+            remove(lease.fs, lease.path)
+    except Exception:  # noqa: BLE001 - an unreachable store: the lease lapses by itself
+        pass
+
+
+def release_output(plan: JobPlan, finished: bool = False) -> None:
+    """Hands back the output's lease this process took when planning (no-op if it holds none):
+    after finalize (``finished``: its file goes too, leaving the documented layout), or when a
+    run gives up (its file stays, released, as a record), so the next run need not wait for it."""
+    fs, work = plan.work_fs()
+    lease = _held.pop(_lease_key(fs, work), None)
+    if lease is not None:
+        release_lease(lease, remove_file=finished)
+
+
+@contextlib.contextmanager
+def releasing_output(plan: JobPlan):
+    """Releases the plan's lease when the block ends, however it ends."""
+    try:
+        yield plan
+    finally:
+        release_output(plan)
+
+
+def check_lease(plan: JobPlan) -> None:
+    """Raises LeaseLost when the plan's lease lapsed and another run took the output over."""
+    if plan.lease:
+        fs, work = plan.work_fs()
+        check_held(fs, work, plan.lease["generation"], plan.lease["token"])
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _refuse_input_inside_output(inputs: list[str], output: str, work_dir: str, storage: Storage) -> None:
+    """--overwrite clears the output folder: an input inside it would be deleted before it is read."""
+    def where(uri: str) -> str:
+        fs, path = storage.filesystem(uri)
+        if protocol_of(fs.unstrip_protocol(path)) in LOCAL_PROTOCOLS:
+            return os.path.realpath(path)
+        return fs.unstrip_protocol(path)
+
+    targets = {where(output), where(work_dir)}
+    for given in inputs:
+        path = where(given.split("*", 1)[0].rstrip("/") or given)
+        if any(_inside(path, t) for t in targets):
+            raise InputError(f"--input {given} lies inside --output {output}: the job would read its own results "
+                             "(and --overwrite would delete its input); write the output elsewhere")
 
 
 def _changed(old: dict, new: dict) -> list[str]:
@@ -277,17 +369,44 @@ def plan_job(spec: JobSpec) -> JobPlan:
     if int(spec.shard_rows) < 1:
         raise InputError(f"--shard-rows must be a positive integer, got {spec.shard_rows}")
     inputs = [spec.inputs] if isinstance(spec.inputs, str) else list(spec.inputs)
+    output_format, work_dir = output_layout(spec.output)
+    _refuse_input_inside_output(inputs, spec.output, work_dir, spec.storage)
+    lease = _take_output(spec.storage, spec.output, work_dir)
+    try:
+        return _plan_under_lease(spec, inputs, output_format, work_dir, lease)
+    except BaseException:
+        _give_up_output(spec.storage, work_dir, lease)
+        raise
+
+
+def _give_up_output(storage: Storage, work_dir: str, lease: Lease) -> None:
+    """Planning failed: release the lease, and leave no trace in an output that held nothing else."""
+    fs, work = storage.filesystem(work_dir)
+    _held.pop(_lease_key(fs, work), None)
+    release_lease(lease)
+    try:
+        names = list_names(fs, work)
+        if names and all(is_lease_file(n) for n in names):
+            for name in names:
+                remove(fs, join(work, name))
+            if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS:
+                os.rmdir(work)
+    except OSError:
+        pass
+
+
+def _plan_under_lease(spec: JobSpec, inputs: list[str], output_format: str, work_dir: str, lease: Lease) -> JobPlan:
     files = expand_inputs(inputs, spec.storage)
     builder, ids, types = _ShardBuilder(int(spec.shard_rows)), _IdCounter(), PassthroughTypes()
     for index, file in enumerate(files):
         scan = _scan_parquet if file.format == "parquet" else _scan_jsonl
-        scan(file, index, spec.storage, builder, ids, types)
+        with input_errors(file):
+            scan(file, index, spec.storage, builder, ids, types)
     duplicates = ids.duplicates()
     if duplicates:
         raise _duplicate_error(duplicates)
     del ids
     shards = builder.finish()
-    output_format, work_dir = output_layout(spec.output)
     identity = {
         "input": _digest([[f.uri, f.size, f.version] for f in files]),
         "model": (spec.model_fingerprint or {}).get("content_hash"),
@@ -312,6 +431,7 @@ def plan_job(spec: JobSpec) -> JobPlan:
         passthrough_schema=encode_schema(types.schema()),
         already_committed=[],
         planned_at=_now(),
+        lease={"generation": lease.generation, "token": lease.holder.token},
     )
     _claim_output(plan, spec.overwrite)
     plan.already_committed = committed_shards(plan)
@@ -321,15 +441,17 @@ def plan_job(spec: JobSpec) -> JobPlan:
 def _claim_output(plan: JobPlan, overwrite: bool) -> None:
     """Resume our own job, refuse another job's output, or (with overwrite) clear it."""
     fs, work = plan.work_fs()
-    names = list_names(fs, work)
+    names = [n for n in list_names(fs, work) if not is_lease_file(n)]
     foreign = [n for n in names if not _is_ours(n) and not n.startswith(".")]
     if foreign:
         raise InputError(
             f"{plan.work_dir} holds files ossbatch did not write ({', '.join(foreign[:3])}); "
             "choose an empty or new --output"
         )
-    previous = read_json(fs, join(work, JOB_FILE)) if JOB_FILE in names else None
+    previous = _read_job_file(fs, work) if JOB_FILE in names else None
     if previous and previous.get("job_key") == plan.job_key:
+        if overwrite:  # whatever state the output is in, --overwrite leaves it this job's
+            _drop_foreign_markers(plan, fs, work)
         return
     batch_fs, batch_path = plan.storage.filesystem(plan.output)
     batch_file_exists = plan.output_format == "batch_jsonl" and exists(batch_fs, batch_path)
@@ -349,6 +471,28 @@ def _claim_output(plan: JobPlan, overwrite: bool) -> None:
     write_json_atomic(fs, join(work, JOB_FILE), {
         "version": PLAN_VERSION, "job_key": plan.job_key, "identity": plan.identity, "plan": plan.to_dict(),
     })
+
+
+def _read_job_file(fs, work: str) -> dict:
+    """_job.json, or {} when it cannot be read (cut short by an old version, edited by hand)."""
+    try:
+        previous = read_json(fs, join(work, JOB_FILE))
+    except ValueError:
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _drop_foreign_markers(plan: JobPlan, fs, work: str) -> None:
+    """Markers (and their parts) another job left in our output: redone by this run."""
+    for index in committed_shards(plan):
+        path = _marker_path(work, index)
+        try:
+            marker = read_json(fs, path)
+        except ValueError:
+            marker = {}
+        if marker.get("job_key") != plan.job_key:
+            remove(fs, path)
+            remove(fs, join(work, PART_NAME.format(index)))
 
 
 def load_plan(output: str, storage: Storage = LOCAL) -> JobPlan:
@@ -409,6 +553,7 @@ def commit_shard(plan: JobPlan, shard_index: int, results: list[dict], stats: di
     """
     fs, work = plan.work_fs()
     marker_path = _marker_path(work, shard_index)
+    check_lease(plan)  # a run that lost its output to another run must not write into it
     if exists(fs, marker_path):
         return read_json(fs, marker_path)
     check_results(results, plan.shards[shard_index]["rows"], shard_index)
@@ -458,13 +603,19 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         # Every shard was done before this run planned: the job is finished, keep its record.
         finished = read_manifest(plan.output, plan.storage)
         if finished and finished.get("job_key") == plan.job_key:
+            release_output(plan, finished=True)
             return finished
+    check_lease(plan)
     markers = _read_markers(plan)
     missing = [i for i in range(plan.num_shards) if i not in markers]
     if missing:
         raise RuntimeError(f"cannot finalize {plan.output}: shards {missing[:20]} are not committed yet")
     fs, work = plan.work_fs()
     ordered = [markers[i] for i in range(plan.num_shards)]
+    parts = [m["part"] for m in ordered]
+    if not ordered:  # no rows: still one (empty) part with the full schema, so OUTPUT/*.parquet reads
+        parts = [PART_NAME.format(0)]
+        write_parquet_atomic(fs, join(work, parts[0]), results_table([], plan.arrow_passthrough_schema()))
     rows = {"total": sum(m["rows"] for m in ordered), **{s: sum(m["statuses"][s] for m in ordered) for s in STATUSES}}
     tokens = {k: sum(m["tokens"][k] for m in ordered) for k in TOKEN_KEYS}
     this_run = [m for m in ordered if m["shard"] not in set(plan.already_committed)]
@@ -486,7 +637,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
             "uri": plan.output,
             "format": plan.output_format,
             "work_dir": plan.work_dir,
-            "parts": [m["part"] for m in ordered],
+            "parts": parts,
         },
         "model": plan.model,
         "settings": plan.settings,
@@ -505,6 +656,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     }
     jsonschema.Draft202012Validator(load_schema("manifest.schema.json")).validate(manifest)
     write_json_atomic(fs, join(work, MANIFEST_FILE), manifest)
+    release_output(plan, finished=True)
     return manifest
 
 

@@ -11,13 +11,16 @@ byte where record ``a`` starts in an uncompressed JSONL file (None otherwise) an
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ossbatch.pipeline.storage import LOCAL, InputFile, Storage, compression_of, expand_inputs
+from ossbatch.pipeline.storage import LOCAL, InputError, InputFile, Storage, compression_of, expand_inputs
 from ossbatch.pipeline.validate import MAX_NESTING, error_request, normalize
 
 READ_BLOCK_BYTES = 1 << 20
@@ -73,6 +76,21 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | BadLine:
     return record
 
 
+@contextlib.contextmanager
+def input_errors(file: InputFile):
+    """A damaged input file as one line naming it (a truncated .gz or Parquet, a .gz that is not gzip)."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{file.uri}: not a complete gzip file ({err}); re-compress it, or leave it out of "
+                         "--input") from None
+    except pa.ArrowException as err:
+        if file.format != "parquet":
+            raise
+        raise InputError(f"{file.uri}: not a readable Parquet file ({str(err).strip()[:200]}); it may be "
+                         "truncated: write it again, or leave it out of --input") from None
+
+
 def open_input(file: InputFile, storage: Storage):
     return storage.open(file.uri, "rb", compression=compression_of(file.uri), block_size=REMOTE_BLOCK_BYTES)
 
@@ -86,12 +104,13 @@ def iter_records(file: InputFile, start: int = 0, stop: int | None = None, *, of
     thread left open when it stopped at or before ``start`` (shards read in order decompress the
     file once, not once per shard). Only for callers that drain the iterator before the next call.
     """
-    if file.format == "parquet":
-        yield from _iter_parquet(file, start, stop, storage, columns)
-    elif compression_of(file.uri) and resume_stream:
-        yield from _iter_compressed(file, start, stop, storage)
-    else:
-        yield from _iter_jsonl(file, start, stop, offset, line, storage)
+    with input_errors(file):
+        if file.format == "parquet":
+            yield from _iter_parquet(file, start, stop, storage, columns)
+        elif compression_of(file.uri) and resume_stream:
+            yield from _iter_compressed(file, start, stop, storage)
+        else:
+            yield from _iter_jsonl(file, start, stop, offset, line, storage)
 
 
 def _iter_jsonl(file, start, stop, offset, line, storage):
