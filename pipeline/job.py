@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -271,12 +272,22 @@ def _is_ours(name: str) -> bool:
 
 
 # This process's live leases, by output work dir: plan_job takes one, finalize_job (or release_output)
-# hands it back. A Lease holds a filesystem and a thread, so it stays here, never in the plan.
+# hands it back. A Lease holds a filesystem and a thread, so it stays here, never in the plan; beside
+# it, a weak reference to the plan it was taken for: once that plan is gone, nothing can use it.
 _held: dict[str, Lease] = {}
+_held_for: dict[str, weakref.ref] = {}
 
 
 def _lease_key(fs, work: str) -> str:
     return fs.unstrip_protocol(work)
+
+
+def _abandoned_here(holder) -> bool:
+    """A lease of this process that no live plan of it holds (an earlier run that failed and could
+    not release it): ours to take over, where another process would wait for it to lapse."""
+    if holder.host != socket.gethostname() or holder.pid != os.getpid():
+        return False
+    return all(lease.holder.token != holder.token for lease in _held.values())
 
 
 def _take_output(storage: Storage, output: str, work_dir: str) -> Lease:
@@ -284,11 +295,12 @@ def _take_output(storage: Storage, output: str, work_dir: str) -> Lease:
     so an output we may not write fails here, before any work."""
     fs, work = storage.filesystem(work_dir)
     key = _lease_key(fs, work)
-    mine = _held.pop(key, None)
-    if mine is not None:  # this process planned the output before (an earlier attempt): hand it on
-        release_lease(mine)
+    owner = _held_for.get(key)
+    if key in _held and (owner is None or owner() is None):  # an earlier plan, dropped unfinished
+        _held_for.pop(key, None)
+        release_lease(_held.pop(key))
     try:
-        lease = acquire(fs, work, LEASE_TTL_SECONDS)
+        lease = acquire(fs, work, LEASE_TTL_SECONDS, abandoned=_abandoned_here)
     except LeaseHeld as err:
         raise LeaseHeld(str(err).replace(work, output, 1)) from None
     except (OSError, ValueError) as err:  # s3fs and botocore errors are OSErrors (or carry their code)
@@ -313,8 +325,11 @@ def release_output(plan: JobPlan, finished: bool = False) -> None:
     after finalize (``finished``: its file goes too, leaving the documented layout), or when a
     run gives up (its file stays, released, as a record), so the next run need not wait for it."""
     fs, work = plan.work_fs()
-    lease = _held.pop(_lease_key(fs, work), None)
-    if lease is not None:
+    key = _lease_key(fs, work)
+    lease = _held.get(key)
+    if lease is not None and plan.lease.get("token") == lease.holder.token:
+        del _held[key]
+        _held_for.pop(key, None)
         release_lease(lease, remove_file=finished)
 
 
@@ -382,7 +397,9 @@ def plan_job(spec: JobSpec) -> JobPlan:
 def _give_up_output(storage: Storage, work_dir: str, lease: Lease) -> None:
     """Planning failed: release the lease, and leave no trace in an output that held nothing else."""
     fs, work = storage.filesystem(work_dir)
-    _held.pop(_lease_key(fs, work), None)
+    if _held.get(_lease_key(fs, work)) is lease:
+        del _held[_lease_key(fs, work)]
+        _held_for.pop(_lease_key(fs, work), None)
     release_lease(lease)
     try:
         names = list_names(fs, work)
@@ -433,6 +450,7 @@ def _plan_under_lease(spec: JobSpec, inputs: list[str], output_format: str, work
         planned_at=_now(),
         lease={"generation": lease.generation, "token": lease.holder.token},
     )
+    _held_for[_lease_key(*plan.work_fs())] = weakref.ref(plan)
     _claim_output(plan, spec.overwrite)
     plan.already_committed = committed_shards(plan)
     return plan

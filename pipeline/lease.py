@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ossbatch.pipeline.storage import LOCAL_PROTOCOLS, InputError, join, list_names, protocol_of, read_json, remove
@@ -180,18 +181,21 @@ class Lease:
         self.release()
 
 
-def acquire(fs, work: str, ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None) -> Lease:
-    """Takes the output's lease, or raises LeaseHeld naming the live holder and how to take over."""
+def acquire(fs, work: str, ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None,
+            abandoned: Callable[[Holder], bool] | None = None) -> Lease:
+    """Takes the output's lease, or raises LeaseHeld naming the live holder and how to take over.
+    ``abandoned(holder)``: the caller knows that live-looking holder to be gone (its own earlier run)."""
     if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS:
         fs.makedirs(work, exist_ok=True)  # (s3fs would create a missing *bucket* here: never on S3)
     for _ in range(8):  # another run may take the next number between our listing and our create
         generations = _generations(fs, work)
         live = current_holder(fs, work, now)
-        if live is not None:
+        if live is not None and not (abandoned and abandoned(live)):
             raise LeaseHeld(
                 f"{work} is in use by another run ({live.describe()}); its lease expires in "
-                f"{max(0, live.expires_at - time.time()):.0f} s unless renewed. Wait for it to finish, or stop it "
-                "and re-run once its lease lapses (a killed run's lease lapses by itself)")
+                f"{max(0, live.expires_at - time.time()):.0f} s unless renewed. Wait for it to finish; or, to take "
+                "over, stop that run and re-run: a stopped run on this host frees the output at once, one on "
+                "another host when its lease lapses")
         generation = (generations[-1] if generations else 0) + 1
         started = time.time()
         holder = Holder(socket.gethostname(), os.getpid(), started, started + ttl, uuid.uuid4().hex)
