@@ -255,3 +255,19 @@ def test_s3_endpoint_going_away_mid_job_stops_cleanly_and_the_rerun_resumes(tiny
         assert sorted(ids) == [f"r{i:05d}" for i in range(15)]
     finally:
         server.stop()
+
+
+# --- the release's original/ folder, given directly (item 5) ---
+
+def test_the_releases_original_folder_runs_given_directly_or_through_its_root(tmp_path):
+    from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
+
+    root = write_random_checkpoint(tmp_path / "gpt-oss-tiny", TINY, seed=0, layout="original")
+    assert not (root / "config.json").exists() and (root / "original" / "config.json").exists()
+    source = write_jsonl(tmp_path / "in.jsonl", prompt_rows(2))
+    outputs = {}
+    for name, model in (("root", root), ("original", root / "original")):
+        assert run(model, source, tmp_path / name, "--max-tokens", "3", "--temperature", "0") == 0
+        outputs[name] = {r["id"]: r["output_text"] for p in sorted((tmp_path / name).glob("*.parquet"))
+                         for r in pq.read_table(p).to_pylist()}
+    assert outputs["root"] == outputs["original"] and len(outputs["root"]) == 2
