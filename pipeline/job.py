@@ -320,17 +320,17 @@ def release_lease(lease: Lease, remove_file: bool = False) -> None:
         pass
 
 
-def release_output(plan: JobPlan, finished: bool = False) -> None:
-    """Hands back the output's lease this process took when planning (no-op if it holds none):
-    after finalize (``finished``: its file goes too, leaving the documented layout), or when a
-    run gives up (its file stays, released, as a record), so the next run need not wait for it."""
+def release_output(plan: JobPlan) -> None:
+    """Hands back the output's lease this process took when planning (no-op if it holds none),
+    after finalize or when a run gives up, so the next run need not wait for it to lapse. Its file
+    goes too: a finished output holds just the documented layout."""
     fs, work = plan.work_fs()
     key = _lease_key(fs, work)
     lease = _held.get(key)
     if lease is not None and plan.lease.get("token") == lease.holder.token:
         del _held[key]
         _held_for.pop(key, None)
-        release_lease(lease, remove_file=finished)
+        release_lease(lease, remove_file=True)
 
 
 @contextlib.contextmanager
@@ -395,19 +395,15 @@ def plan_job(spec: JobSpec) -> JobPlan:
 
 
 def _give_up_output(storage: Storage, work_dir: str, lease: Lease) -> None:
-    """Planning failed: release the lease, and leave no trace in an output that held nothing else."""
+    """Planning failed: release the lease, and leave no trace of it."""
     fs, work = storage.filesystem(work_dir)
     if _held.get(_lease_key(fs, work)) is lease:
         del _held[_lease_key(fs, work)]
         _held_for.pop(_lease_key(fs, work), None)
-    release_lease(lease)
+    release_lease(lease, remove_file=True)
     try:
-        names = list_names(fs, work)
-        if names and all(is_lease_file(n) for n in names):
-            for name in names:
-                remove(fs, join(work, name))
-            if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS:
-                os.rmdir(work)
+        if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS and not list_names(fs, work):
+            os.rmdir(work)  # the lease made it: a refused job leaves no output behind
     except OSError:
         pass
 
@@ -621,7 +617,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         # Every shard was done before this run planned: the job is finished, keep its record.
         finished = read_manifest(plan.output, plan.storage)
         if finished and finished.get("job_key") == plan.job_key:
-            release_output(plan, finished=True)
+            release_output(plan)
             return finished
     check_lease(plan)
     markers = _read_markers(plan)
@@ -674,7 +670,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     }
     jsonschema.Draft202012Validator(load_schema("manifest.schema.json")).validate(manifest)
     write_json_atomic(fs, join(work, MANIFEST_FILE), manifest)
-    release_output(plan, finished=True)
+    release_output(plan)
     return manifest
 
 

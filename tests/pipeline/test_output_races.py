@@ -4,6 +4,7 @@ job's, every id once. Also: what --overwrite can and cannot take over."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pipeline_fakes import prompt_rows, write_jsonl
 
 from ossbatch.flows.cli import main
 from ossbatch.pipeline.job import load_plan
-from ossbatch.pipeline.lease import acquire, is_lease_file
+from ossbatch.pipeline.lease import is_lease_file
 from ossbatch.pipeline.storage import LOCAL, list_names
 
 HERE = Path(__file__).resolve().parent
@@ -89,17 +90,25 @@ def test_two_runs_racing_for_one_output_leave_it_one_jobs(variant, store, tiny_m
 def test_a_held_output_is_refused_naming_its_holder_even_with_overwrite(tmp_path, capsys, tiny_model_dir):
     source = write_jsonl(tmp_path / "in.jsonl", prompt_rows(3))
     out = tmp_path / "out"
-    fs, work = LOCAL.filesystem(str(out))
-    holder = acquire(fs, work)  # a live run of this host: this very process, another thread
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "120"])  # a live process of this host holds the output
+    now = time.time()
+    (out / "_lease-000001.json").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": other.pid, "started_at": now, "expires_at": now + 120, "token": "t"}))
     try:
         code = main(["run", "--model", str(tiny_model_dir), "--input", source, "--output", str(out),
-                     "--orchestrator", "none", "--quiet", "--overwrite"])
+                     "--orchestrator", "none", "--quiet", "--overwrite", "--max-tokens", "2"])
     finally:
-        holder.release()
+        other.kill()
+        other.wait()
     err = capsys.readouterr().err
     assert code == 2
-    assert f"pid {os.getpid()}" in err and "in use by another run" in err and "lease" in err
+    assert f"pid {other.pid}" in err and "in use by another run" in err and "to take over" in err
     assert len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["_lease-000001.json"]  # nothing else written
+    # Its process gone (killed: it could not release), the output is free at once on this host.
+    assert main(["run", "--model", str(tiny_model_dir), "--input", source, "--output", str(out),
+                 "--orchestrator", "none", "--quiet", "--overwrite", "--max-tokens", "2"]) == 0
 
 
 def test_overwrite_recovers_an_output_tangled_by_two_jobs(tmp_path):
@@ -131,3 +140,30 @@ def test_overwrite_recovers_an_output_tangled_by_two_jobs(tmp_path):
     assert manifest["settings"] == {"max_tokens": 32}
     assert {json.loads(p.read_text())["job_key"] for p in (out / "_shards").iterdir()} == {manifest["job_key"]}
     assert load_plan(str(out)).job_key == manifest["job_key"]
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_its_next_commit(tmp_path):
+    """A run stalled past its lease's expiry while another took the output over: it must not write."""
+    from pipeline_fakes import FakeEngine
+
+    from ossbatch.pipeline.driver import run_job
+    from ossbatch.pipeline.job import JobSpec
+    from ossbatch.pipeline.lease import LeaseLost, lease_name
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompt_rows(15))
+    out = tmp_path / "out"
+    engine = FakeEngine()
+
+    def infer_and_lose_the_lease(requests):
+        if len(engine.shards_seen) == 1:  # shard 1: meanwhile, another run takes the next lease
+            (current,) = [n for n in os.listdir(out) if is_lease_file(n)]
+            generation = int(current[len("_lease-"):-len(".json")]) + 1
+            (out / lease_name(generation)).write_text(json.dumps(
+                {"host": "elsewhere", "pid": 1, "started_at": time.time(), "expires_at": time.time() + 60,
+                 "token": "theirs"}))
+        return engine(requests)
+
+    with pytest.raises(LeaseLost, match="another run took the output over"):
+        run_job(JobSpec(inputs=source, output=str(out), shard_rows=5), infer_and_lose_the_lease)
+    assert sorted(os.listdir(out / "_shards")) == ["shard-00000.json"]
+    assert not (out / "part-00001.parquet").exists()
