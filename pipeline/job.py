@@ -6,6 +6,7 @@ Output layout (``work_dir`` is the output directory, or ``<output>.parts`` for a
     part-00000.parquet        shard 0's rows; written under a temporary name, then committed
     _shards/shard-00000.json  shard 0's marker, written after its part: committed iff it exists
     manifest.json             written by finalize_job once every shard is committed
+    _lease-000007.json        while a run works: the lease that holds the output (see pipeline.lease)
 
 A re-run of the same job (same inputs, model content hash, settings, shard size) finds _job.json,
 skips shards that have markers and overwrites any part file left without one, so every id ends up
