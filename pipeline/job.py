@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ossbatch.pipeline.batch_api import iter_part_rows, write_batch_output
-from ossbatch.pipeline.lease import DEFAULT_TTL_SECONDS, Lease, LeaseHeld, acquire, check_held, is_lease_file
+from ossbatch.pipeline.lease import (
+    DEFAULT_TTL_SECONDS, Lease, LeaseHeld, LeaseLost, acquire, check_held, current_holder, is_lease_file,
+)
 from ossbatch.pipeline.read import (
     BadLine, input_errors, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges,
 )
@@ -304,9 +306,7 @@ def _take_output(storage: Storage, output: str, work_dir: str) -> Lease:
         lease = acquire(fs, work, LEASE_TTL_SECONDS, abandoned=_abandoned_here)
     except LeaseHeld as err:
         raise LeaseHeld(str(err).replace(work, output, 1)) from None
-    except (OSError, ValueError) as err:  # s3fs and botocore errors are OSErrors (or carry their code)
-        raise storage_error(err, output, "cannot write the output") from err
-    except Exception as err:  # noqa: BLE001 - e.g. botocore's NoCredentialsError: not an OSError
+    except Exception as err:  # noqa: BLE001 - s3fs's OSErrors, and botocore's own (NoCredentialsError, ...)
         raise storage_error(err, output, "cannot write the output") from err
     _held[key] = lease.keep_alive()
     return lease
@@ -348,6 +348,17 @@ def check_lease(plan: JobPlan) -> None:
     if plan.lease:
         fs, work = plan.work_fs()
         check_held(fs, work, plan.lease["generation"], plan.lease["token"])
+
+
+def _check_may_finalize(plan: JobPlan) -> None:
+    """Finalizing needs the plan's lease, or (finalizing a finished job again, as a worker that
+    loaded the plan may) an output that no run holds and that is still this job's."""
+    try:
+        check_lease(plan)
+    except LeaseLost:
+        fs, work = plan.work_fs()
+        if current_holder(fs, work) is not None or _read_job_file(fs, work).get("job_key") != plan.job_key:
+            raise
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -620,7 +631,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         if finished and finished.get("job_key") == plan.job_key:
             release_output(plan)
             return finished
-    check_lease(plan)
+    _check_may_finalize(plan)
     markers = _read_markers(plan)
     missing = [i for i in range(plan.num_shards) if i not in markers]
     if missing:
