@@ -22,7 +22,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ossbatch.pipeline.storage import LOCAL_PROTOCOLS, InputError, join, list_names, protocol_of, read_json, remove
+from ossbatch.pipeline.storage import (
+    LOCAL_PROTOCOLS, InputError, join, list_names, protocol_of, read_json, remove, write_bytes_atomic,
+)
 
 LEASE_RE = re.compile(r"_lease-(\d{6})\.json")
 DEFAULT_TTL_SECONDS = 120.0
@@ -137,8 +139,8 @@ class Lease:
         return join(self.work, lease_name(self.generation))
 
     def _write(self) -> None:
-        with self.fs.open(self.path, "wb") as f:
-            f.write(json.dumps(asdict(self.holder)).encode())
+        # Atomic: a run reading the holder while it is renewed must never see half a file.
+        write_bytes_atomic(self.fs, self.path, json.dumps(asdict(self.holder)).encode())
 
     def check(self) -> None:
         """Raises LeaseLost unless this lease is still the output's current one."""
