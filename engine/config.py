@@ -178,16 +178,31 @@ GPT_OSS_20B = ModelConfig(num_hidden_layers=24, num_local_experts=32)
 PRESETS = {"gpt-oss-120b": GPT_OSS_120B, "gpt-oss-20b": GPT_OSS_20B}
 
 
-def read_config(model_dir: Path) -> ModelConfig:
+def is_original_config(raw: dict) -> bool:
+    """The release's original/config.json, told by its own keys (it has no model_type)."""
+    return "model_type" not in raw and "num_experts" in raw and "experts_per_token" in raw
+
+
+def checkpoint_layout(model_dir: Path) -> tuple[str, Path]:
+    """("hf" or "original", the folder holding that layout's config and tensors): the release's
+    root, its original/ folder given directly, or a Hugging Face folder."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
-    hf, original = model_dir / "config.json", model_dir / "original" / "config.json"
-    if hf.exists():
-        return ModelConfig.from_hf_json(_read_json(hf), str(hf))
-    if original.exists():
-        return ModelConfig.from_original_json(_read_json(original), str(original))
+    config = model_dir / "config.json"
+    if config.exists():
+        return ("original" if is_original_config(_read_json(config)) else "hf"), model_dir
+    if (model_dir / "original" / "config.json").exists():
+        return "original", model_dir / "original"
     raise CheckpointError(f"{model_dir}: no config.json (nor original/config.json)")
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    layout, folder = checkpoint_layout(model_dir)
+    config = folder / "config.json"
+    if layout == "hf":
+        return ModelConfig.from_hf_json(_read_json(config), str(config))
+    return ModelConfig.from_original_json(_read_json(config), str(config))
 
 
 def _read_json(path: Path) -> dict:

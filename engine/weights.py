@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ossbatch.engine.config import CheckpointError, ModelConfig, read_config
+from ossbatch.engine.config import CheckpointError, ModelConfig, checkpoint_layout, read_config
 
 BF16 = torch.bfloat16
 U8 = torch.uint8
@@ -188,10 +188,11 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     specs = hf_tensor_specs(config)
-    if (model_dir / "config.json").exists():
-        files, name_of = _TensorFiles.open_dir(model_dir), None
+    layout, folder = checkpoint_layout(model_dir)  # the root, or its original/ folder given directly
+    if layout == "hf":
+        files, name_of = _TensorFiles.open_dir(folder), None
     else:
-        files, name_of = _TensorFiles.open_dir(model_dir / "original"), hf_to_original_names(config)
+        files, name_of = _TensorFiles.open_dir(folder), hf_to_original_names(config)
 
     def tensor(hf_name: str, convert: bool = True) -> torch.Tensor:
         shape, kind = specs[hf_name]

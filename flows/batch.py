@@ -16,7 +16,7 @@ from ossbatch.pipeline.config import Job
 from ossbatch.pipeline.cost import record_cost
 from ossbatch.pipeline.driver import job_spec, run_shard
 from ossbatch.pipeline.infer import ShardInferencer
-from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job
+from ossbatch.pipeline.job import JobPlan, finalize_job, pending_shards, plan_job, releasing_output
 
 __all__ = ["batch_inference", "shard_task"]
 
@@ -60,24 +60,25 @@ def batch_inference(job: Job, quiet: bool = False, progress_seconds: float | Non
     Progress shows on a terminal, or as a log line every ``progress_seconds`` (default 30), and
     in the flow run's progress artifact. Returns the manifest."""
     started = time.monotonic()
-    plan = plan_job(job_spec(job))
-    pending = pending_shards(plan)
-    rows_to_do = sum(plan.shards[i]["rows"] for i in pending)
-    logger = get_run_logger()
-    progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet, rows_to_do=rows_to_do,
-                        publish=_progress_artifact(plan, rows_to_do), interval=progress_seconds,
-                        emit=lambda line: logger.info("%s", line))
-    logger.info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
-    try:
-        if job.options.runner == "ray":
-            from ossbatch.flows.ray_runner import run_shards_on_ray
+    plan = plan_job(job_spec(job))  # holds the output's lease until finalize_job releases it
+    with releasing_output(plan):  # or until the flow fails: the next run need not wait for it to lapse
+        pending = pending_shards(plan)
+        rows_to_do = sum(plan.shards[i]["rows"] for i in pending)
+        logger = get_run_logger()
+        progress = Progress(plan.total_rows, plan.num_shards, len(pending), quiet=quiet, rows_to_do=rows_to_do,
+                            publish=_progress_artifact(plan, rows_to_do), interval=progress_seconds,
+                            emit=lambda line: logger.info("%s", line))
+        logger.info("%d shards, %d pending, %d rows", plan.num_shards, len(pending), plan.total_rows)
+        try:
+            if job.options.runner == "ray":
+                from ossbatch.flows.ray_runner import run_shards_on_ray
 
-            run_shards_on_ray(plan, pending, job, progress)
-        else:
-            infer = ShardInferencer(job)  # the model loads with the first pending shard
-            infer.on_progress = progress.rows_done
-            for shard_index in pending:
-                progress.committed(shard_task(plan, shard_index, infer))
-    finally:
-        progress.close()
-    return record_cost(finalize_job(plan, time.monotonic() - started), job.options.cost, job.storage)
+                run_shards_on_ray(plan, pending, job, progress)
+            else:
+                infer = ShardInferencer(job)  # the model loads with the first pending shard
+                infer.on_progress = progress.rows_done
+                for shard_index in pending:
+                    progress.committed(shard_task(plan, shard_index, infer))
+        finally:
+            progress.close()
+        return record_cost(finalize_job(plan, time.monotonic() - started), job.options.cost, job.storage)

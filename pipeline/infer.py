@@ -93,6 +93,8 @@ class ShardInferencer:
                 prepared.append(self._prepare(i, request))
             except ValueError as err:
                 results[i] = _error_row(request, str(err))
+            except Exception as err:  # noqa: BLE001 - one row's failure is that row's error
+                results[i] = _error_row(request, f"render/grammar: {_describe(err)}")
 
         if self.on_progress is not None and len(prepared) < len(requests):
             self.on_progress(len(requests) - len(prepared), 0)
@@ -114,33 +116,60 @@ class ShardInferencer:
             for m in members:
                 if group_of[m].length:
                     shared.setdefault(id(group_of[m]), (group_of[m].length, []))[1].append(position[m])
-            constraint = _batch_constraint(rows, self.model.config.vocab_size)
-            started = time.perf_counter()
-            completions, gen = generate(
-                self.model,
-                [r.prompt for r in rows],
-                [r.params for r in rows],
-                self.stops,
-                constraint=constraint,
-                logprobs=self.settings.logprobs,
-                prefill_groups=groups,
-                slots=slots,
-                shared_prefixes=[SharedPrefix(tuple(at), length) for length, at in shared.values()],
-                on_step=self.on_progress,
-            )
-            stats["engine_seconds"] += time.perf_counter() - started
-            stats["padded_prompt_slots"] += gen.padded_prompt_slots
-            stats["decode_slots"] += gen.decode_slots
-            stats["prompt_computed"] += gen.prompt_computed
-            stats["kv_bytes_saved"] += gen.kv_bytes_saved
-            stats["kv_cache_bytes"] = max(stats["kv_cache_bytes"], gen.kv_cache_bytes)  # runs hold theirs one at a time
-            stats["batches"] += 1
-            errors = constraint.errors() if constraint is not None else [None] * len(rows)
+            prefixes = [SharedPrefix(tuple(at), length) for length, at in shared.values()]
+            try:
+                outcomes = self._generate(rows, groups, slots, stats, prefixes)
+            except Exception as err:  # noqa: BLE001
+                # Which row broke the batch? Each alone: a poison row fails by itself, the rest run.
+                # When every row fails alone too, the engine is broken, not a row: stop the job.
+                outcomes = []
+                for row in rows:
+                    try:
+                        outcomes += self._generate([row], [[0]], 1, stats)
+                    except Exception as row_err:  # noqa: BLE001
+                        outcomes.append((row, None, f"generation: {_describe(row_err)}"))
+                if all(completion is None for _, completion, _ in outcomes):
+                    raise err
             # Parsing in a thread behind the engine measured no faster on 2 cores: openai-harmony
             # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
-            for row, completion, constraint_error in zip(rows, completions, errors):
-                results[row.index] = self._result(requests[row.index], row, completion, constraint_error)
+            for row, completion, constraint_error in outcomes:
+                request = requests[row.index]
+                if completion is None:
+                    results[row.index] = _error_row(request, constraint_error)
+                    continue
+                try:
+                    results[row.index] = self._result(request, row, completion, constraint_error)
+                except Exception as err:  # noqa: BLE001
+                    results[row.index] = _error_row(request, f"parse/validation: {_describe(err)}") | {
+                        "prompt_tokens": len(row.prompt), "completion_tokens": len(completion.token_ids)}
         return results, stats
+
+    def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
+                  prefixes: list[SharedPrefix] = ()) -> list[tuple]:
+        """(row, completion, constraint error) for one run of rows sharing a KV cache (and ``prefixes``)."""
+        constraint = _batch_constraint(rows, self.model.config.vocab_size)
+        started = time.perf_counter()
+        completions, gen = generate(
+            self.model,
+            [r.prompt for r in rows],
+            [r.params for r in rows],
+            self.stops,
+            constraint=constraint,
+            logprobs=self.settings.logprobs,
+            prefill_groups=groups,
+            slots=slots,
+            shared_prefixes=list(prefixes),
+            on_step=self.on_progress,
+        )
+        stats["engine_seconds"] += time.perf_counter() - started
+        stats["padded_prompt_slots"] += gen.padded_prompt_slots
+        stats["decode_slots"] += gen.decode_slots
+        stats["prompt_computed"] += gen.prompt_computed
+        stats["kv_bytes_saved"] += gen.kv_bytes_saved
+        stats["kv_cache_bytes"] = max(stats["kv_cache_bytes"], gen.kv_cache_bytes)  # runs hold theirs one at a time
+        stats["batches"] += 1
+        errors = constraint.errors() if constraint is not None else [None] * len(rows)
+        return list(zip(rows, completions, errors))
 
     def _prepare(self, index: int, request: dict) -> _Prepared:
         s = self.settings
@@ -163,8 +192,15 @@ class ShardInferencer:
         prompt = render_prompt(request["messages"], request.get("instructions"), effort, response_format)
         if len(prompt) >= self.context:
             raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {self.context}")
-        max_tokens = min(_first(request.get("max_tokens"), s.max_tokens), self.context - len(prompt))
+        room = self.context - len(prompt)
+        if request.get("max_tokens") is not None and request["max_tokens"] > room:
+            # Refused, not clamped: a row asking for more than fits would silently get less.
+            raise ValueError(f"max_tokens: {request['max_tokens']} is more than the {room} tokens the model's "
+                             f"context ({self.context}) leaves after this row's {len(prompt)}-token prompt")
+        max_tokens = min(s.max_tokens, room) if request.get("max_tokens") is None else request["max_tokens"]
         seed = request.get("seed")
+        if seed is not None and not 0 <= int(seed) < 1 << 63:
+            raise ValueError(f"seed: must be an integer from 0 to 2^63-1, got {seed}")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=float(_first(request.get("temperature"), s.temperature)),
@@ -233,6 +269,11 @@ def _batch_constraint(rows: list[_Prepared], vocab_size: int):
     from ossbatch.pipeline.masks import BatchConstraint
 
     return BatchConstraint([r.grammar for r in rows], vocab_size)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
 def _first(value, default):

@@ -6,6 +6,7 @@ Output layout (``work_dir`` is the output directory, or ``<output>.parts`` for a
     data/part-00000.parquet   shard 0's rows; written under a temporary name, then committed
     _shards/shard-00000.json  shard 0's marker, written after its part: committed iff it exists
     _manifest.json            written by finalize_job once every shard is committed
+    _lease-000007.json        while a run works: the lease that holds the output (see pipeline.lease)
 
 ``data/`` holds nothing but the result rows, one schema across parts: it is the dataset path
 (polars, pyarrow.dataset, DuckDB, Spark read the folder as is). Everything else starts with ``_``,
@@ -21,11 +22,13 @@ one process or a shard per Prefect task or Ray actor; JobPlan is plain data (``t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import socket
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -34,10 +37,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ossbatch.pipeline.batch_api import CHOICE_COLUMN, choices_of, count_lines, iter_part_rows, planned_ids, write_batch_output
-from ossbatch.pipeline.read import BadLine, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges
+from ossbatch.pipeline.lease import (
+    DEFAULT_TTL_SECONDS, Lease, LeaseHeld, LeaseLost, acquire, check_held, current_holder, is_lease_file,
+)
+from ossbatch.pipeline.read import (
+    BadLine, input_errors, iter_jsonl_lines, open_input, parquet_file, parse_jsonl_line, read_ranges,
+)
 from ossbatch.pipeline.storage import (
-    LOCAL, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
-    read_json, remove, write_json_atomic,
+    LOCAL, LOCAL_PROTOCOLS, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
+    protocol_of, read_json, remove, storage_error, write_json_atomic,
 )
 from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of
 from ossbatch.pipeline.write import (
@@ -60,6 +68,9 @@ ID_CHUNK = 65_536
 DUPLICATES_NAMED = 20
 TOKEN_KEYS = ("prompt", "cached_prompt", "prompt_computed", "kv_bytes_saved", "reasoning", "output", "completion",
               "padded_prompt_slots", "decode_slots")
+# How long a run's lease on its output outlives its last renewal (it renews every quarter of it):
+# the wait before another host may take over the output of a run that died without releasing it.
+LEASE_TTL_SECONDS = DEFAULT_TTL_SECONDS
 
 
 @dataclass
@@ -91,6 +102,7 @@ class JobPlan:
     passthrough_schema: str  # base64 Arrow IPC schema of the passthrough columns
     already_committed: list[int]  # shards committed before this plan was made (a resume)
     planned_at: str
+    lease: dict = field(default_factory=dict)  # {"generation", "token"} of the lease the plan holds the output by
 
     @property
     def num_shards(self) -> int:
@@ -281,6 +293,113 @@ def _is_ours(name: str) -> bool:
     return name.startswith("_") or name in (DATA_DIR, LEGACY_MANIFEST_FILE) or bool(_PART_RE.fullmatch(name))
 
 
+# This process's live leases, by output work dir: plan_job takes one, finalize_job (or release_output)
+# hands it back. A Lease holds a filesystem and a thread, so it stays here, never in the plan; beside
+# it, a weak reference to the plan it was taken for: once that plan is gone, nothing can use it.
+_held: dict[str, Lease] = {}
+_held_for: dict[str, weakref.ref] = {}
+
+
+def _lease_key(fs, work: str) -> str:
+    return fs.unstrip_protocol(work)
+
+
+def _abandoned_here(holder) -> bool:
+    """A lease of this process that no live plan of it holds (an earlier run that failed and could
+    not release it): ours to take over, where another process would wait for it to lapse."""
+    if holder.host != socket.gethostname() or holder.pid != os.getpid():
+        return False
+    return all(lease.holder.token != holder.token for lease in _held.values())
+
+
+def _take_output(storage: Storage, output: str, work_dir: str) -> Lease:
+    """The output's lease, renewed in the background until released; the first write of a job,
+    so an output we may not write fails here, before any work."""
+    fs, work = storage.filesystem(work_dir)
+    key = _lease_key(fs, work)
+    owner = _held_for.get(key)
+    if key in _held and (owner is None or owner() is None):  # an earlier plan, dropped unfinished
+        _held_for.pop(key, None)
+        release_lease(_held.pop(key))
+    try:
+        lease = acquire(fs, work, LEASE_TTL_SECONDS, abandoned=_abandoned_here)
+    except LeaseHeld as err:
+        raise LeaseHeld(str(err).replace(work, output, 1)) from None
+    except Exception as err:  # noqa: BLE001 - s3fs's OSErrors, and botocore's own (NoCredentialsError, ...)
+        raise storage_error(err, output, "cannot write the output") from err
+    _held[key] = lease.keep_alive()
+    return lease
+
+
+def release_lease(lease: Lease, remove_file: bool = False) -> None:
+    try:
+        lease.release()
+        if remove_file and lease.holder.released:  # released: it was still ours
+            remove(lease.fs, lease.path)
+    except Exception:  # noqa: BLE001 - an unreachable store: the lease lapses by itself
+        pass
+
+
+def release_output(plan: JobPlan) -> None:
+    """Hands back the output's lease this process took when planning (no-op if it holds none),
+    after finalize or when a run gives up, so the next run need not wait for it to lapse. Its file
+    goes too: a finished output holds just the documented layout."""
+    fs, work = plan.work_fs()
+    key = _lease_key(fs, work)
+    lease = _held.get(key)
+    if lease is not None and plan.lease.get("token") == lease.holder.token:
+        del _held[key]
+        _held_for.pop(key, None)
+        release_lease(lease, remove_file=True)
+
+
+@contextlib.contextmanager
+def releasing_output(plan: JobPlan):
+    """Releases the plan's lease when the block ends, however it ends."""
+    try:
+        yield plan
+    finally:
+        release_output(plan)
+
+
+def check_lease(plan: JobPlan) -> None:
+    """Raises LeaseLost when the plan's lease lapsed and another run took the output over."""
+    if plan.lease:
+        fs, work = plan.work_fs()
+        check_held(fs, work, plan.lease["generation"], plan.lease["token"])
+
+
+def _check_may_finalize(plan: JobPlan) -> None:
+    """Finalizing needs the plan's lease, or (finalizing a finished job again, as a worker that
+    loaded the plan may) an output that no run holds and that is still this job's."""
+    try:
+        check_lease(plan)
+    except LeaseLost:
+        fs, work = plan.work_fs()
+        if current_holder(fs, work) is not None or _read_job_file(fs, work).get("job_key") != plan.job_key:
+            raise
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _refuse_input_inside_output(inputs: list[str], output: str, work_dir: str, storage: Storage) -> None:
+    """--overwrite clears the output folder: an input inside it would be deleted before it is read."""
+    def where(uri: str) -> str:
+        fs, path = storage.filesystem(uri)
+        if protocol_of(fs.unstrip_protocol(path)) in LOCAL_PROTOCOLS:
+            return os.path.realpath(path)
+        return fs.unstrip_protocol(path)
+
+    targets = {where(output), where(work_dir)}
+    for given in inputs:
+        path = where(given.split("*", 1)[0].rstrip("/") or given)
+        if any(_inside(path, t) for t in targets):
+            raise InputError(f"--input {given} lies inside --output {output}: the job would read its own results "
+                             "(and --overwrite would delete its input); write the output elsewhere")
+
+
 def _changed(old: dict, new: dict) -> list[str]:
     words = {"input": "the input", "model": "the model", "settings": "the settings",
              "shard_rows": "--shard-rows", "output_format": "the output format"}
@@ -296,17 +415,42 @@ def plan_job(spec: JobSpec) -> JobPlan:
     if int(spec.shard_rows) < 1:
         raise InputError(f"--shard-rows must be a positive integer, got {spec.shard_rows}")
     inputs = [spec.inputs] if isinstance(spec.inputs, str) else list(spec.inputs)
+    output_format, work_dir = output_layout(spec.output)
+    _refuse_input_inside_output(inputs, spec.output, work_dir, spec.storage)
+    lease = _take_output(spec.storage, spec.output, work_dir)
+    try:
+        return _plan_under_lease(spec, inputs, output_format, work_dir, lease)
+    except BaseException:
+        _give_up_output(spec.storage, work_dir, lease)
+        raise
+
+
+def _give_up_output(storage: Storage, work_dir: str, lease: Lease) -> None:
+    """Planning failed: release the lease, and leave no trace of it."""
+    fs, work = storage.filesystem(work_dir)
+    if _held.get(_lease_key(fs, work)) is lease:
+        del _held[_lease_key(fs, work)]
+        _held_for.pop(_lease_key(fs, work), None)
+    release_lease(lease, remove_file=True)
+    try:
+        if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS and not list_names(fs, work):
+            os.rmdir(work)  # the lease made it: a refused job leaves no output behind
+    except OSError:
+        pass
+
+
+def _plan_under_lease(spec: JobSpec, inputs: list[str], output_format: str, work_dir: str, lease: Lease) -> JobPlan:
     files = expand_inputs(inputs, spec.storage)
     builder, ids, types = _ShardBuilder(int(spec.shard_rows)), _IdCounter(), PassthroughTypes()
     for index, file in enumerate(files):
         scan = _scan_parquet if file.format == "parquet" else _scan_jsonl
-        scan(file, index, spec.storage, builder, ids, types)
+        with input_errors(file):
+            scan(file, index, spec.storage, builder, ids, types)
     duplicates = ids.duplicates()
     if duplicates:
         raise _duplicate_error(duplicates)
     del ids
     shards = builder.finish()
-    output_format, work_dir = output_layout(spec.output)
     identity = {
         "input": _digest([[f.uri, f.size, f.version] for f in files]),
         "model": (spec.model_fingerprint or {}).get("content_hash"),
@@ -331,7 +475,9 @@ def plan_job(spec: JobSpec) -> JobPlan:
         passthrough_schema=encode_schema(types.schema()),
         already_committed=[],
         planned_at=_now(),
+        lease={"generation": lease.generation, "token": lease.holder.token},
     )
+    _held_for[_lease_key(*plan.work_fs())] = weakref.ref(plan)
     _claim_output(plan, spec.overwrite)
     plan.already_committed = committed_shards(plan)
     return plan
@@ -340,15 +486,17 @@ def plan_job(spec: JobSpec) -> JobPlan:
 def _claim_output(plan: JobPlan, overwrite: bool) -> None:
     """Resume our own job, refuse another job's output, or (with overwrite) clear it."""
     fs, work = plan.work_fs()
-    names = list_names(fs, work)
+    names = [n for n in list_names(fs, work) if not is_lease_file(n)]
     foreign = [n for n in names if not _is_ours(n) and not n.startswith(".")]
     if foreign:
         raise InputError(
             f"{plan.work_dir} holds files ossbatch did not write ({', '.join(foreign[:3])}); "
             "choose an empty or new --output"
         )
-    previous = read_json(fs, join(work, JOB_FILE)) if JOB_FILE in names else None
+    previous = _read_job_file(fs, work) if JOB_FILE in names else None
     if previous and previous.get("job_key") == plan.job_key:
+        if overwrite:  # whatever state the output is in, --overwrite leaves it this job's
+            _drop_foreign_markers(plan, fs, work)
         return
     batch_fs, batch_path = plan.storage.filesystem(plan.output)
     batch_file_exists = plan.output_format == "batch_jsonl" and exists(batch_fs, batch_path)
@@ -368,6 +516,28 @@ def _claim_output(plan: JobPlan, overwrite: bool) -> None:
     write_json_atomic(fs, join(work, JOB_FILE), {
         "version": PLAN_VERSION, "job_key": plan.job_key, "identity": plan.identity, "plan": plan.to_dict(),
     })
+
+
+def _read_job_file(fs, work: str) -> dict:
+    """_job.json, or {} when it cannot be read (cut short by an old version, edited by hand)."""
+    try:
+        previous = read_json(fs, join(work, JOB_FILE))
+    except ValueError:
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _drop_foreign_markers(plan: JobPlan, fs, work: str) -> None:
+    """Markers (and their parts) another job left in our output: redone by this run."""
+    for index in committed_shards(plan):
+        path = _marker_path(work, index)
+        try:
+            marker = read_json(fs, path)
+        except ValueError:
+            marker = {}
+        if marker.get("job_key") != plan.job_key:
+            remove(fs, path)
+            remove(fs, join(work, PART_NAME.format(index)))
 
 
 def load_plan(output: str, storage: Storage = LOCAL) -> JobPlan:
@@ -434,6 +604,7 @@ def commit_shard(plan: JobPlan, shard_index: int, results: list[dict], stats: di
     """
     fs, work = plan.work_fs()
     marker_path = _marker_path(work, shard_index)
+    check_lease(plan)  # a run that lost its output to another run must not write into it
     if exists(fs, marker_path):
         return read_json(fs, marker_path)
     check_results(results, plan.shards[shard_index]["rows"], shard_index)
@@ -485,13 +656,19 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
         # Every shard was done before this run planned: the job is finished, keep its record.
         finished = read_manifest(plan.output, plan.storage)
         if finished and finished.get("job_key") == plan.job_key:
+            release_output(plan)
             return finished
+    _check_may_finalize(plan)
     markers = _read_markers(plan)
     missing = [i for i in range(plan.num_shards) if i not in markers]
     if missing:
         raise RuntimeError(f"cannot finalize {plan.output}: shards {missing[:20]} are not committed yet")
     fs, work = plan.work_fs()
     ordered = [markers[i] for i in range(plan.num_shards)]
+    parts = [m["part"] for m in ordered]
+    if not ordered:  # no rows: still one (empty) part with the full schema, so OUTPUT/*.parquet reads
+        parts = [PART_NAME.format(0)]
+        write_parquet_atomic(fs, join(work, parts[0]), results_table([], plan.arrow_passthrough_schema()))
     rows = {"total": sum(m["rows"] for m in ordered), **{s: sum(m["statuses"][s] for m in ordered) for s in STATUSES}}
     tokens = {k: sum(m["tokens"].get(k, 0) for m in ordered) for k in TOKEN_KEYS}  # .get: shards committed before a key existed
     this_run = [m for m in ordered if m["shard"] not in set(plan.already_committed)]
@@ -513,7 +690,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
             "uri": plan.output,
             "format": plan.output_format,
             "work_dir": plan.work_dir,
-            "parts": [m["part"] for m in ordered],
+            "parts": parts,
         },
         "model": plan.model,
         "settings": plan.settings,
@@ -532,6 +709,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     }
     jsonschema.Draft202012Validator(load_schema("manifest.schema.json")).validate(manifest)
     write_json_atomic(fs, join(work, MANIFEST_FILE), manifest)
+    release_output(plan)
     return manifest
 
 

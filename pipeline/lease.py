@@ -19,9 +19,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ossbatch.pipeline.storage import InputError, join, list_names, read_json, remove
+from ossbatch.pipeline.storage import (
+    LOCAL_PROTOCOLS, InputError, join, list_names, protocol_of, read_json, remove, write_bytes_atomic,
+)
 
 LEASE_RE = re.compile(r"_lease-(\d{6})\.json")
 DEFAULT_TTL_SECONDS = 120.0
@@ -31,8 +34,8 @@ class LeaseHeld(InputError):
     """Another live run holds the output."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease lapsed and another run took the output over."""
+class LeaseLost(InputError):
+    """This run's lease lapsed and another run took the output over (the run stops: exit 2)."""
 
 
 @dataclass
@@ -61,8 +64,29 @@ def _generations(fs, work: str) -> list[int]:
     return sorted(int(m.group(1)) for name in list_names(fs, work) if (m := LEASE_RE.fullmatch(name)))
 
 
+def _process_gone(holder: Holder) -> bool:
+    """True when the holder ran on this host and its process is dead (killed: it cannot renew, so
+    a re-run need not wait out the ttl). A holder on another host is judged by its expiry alone."""
+    if holder.host != socket.gethostname():
+        return False
+    if holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    try:  # a killed child its parent has not reaped yet is a zombie: dead all the same
+        with open(f"/proc/{holder.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def current_holder(fs, work: str, now: float | None = None) -> Holder | None:
-    """The live holder of ``work``, or None when the output is free (no lease, released, or lapsed)."""
+    """The live holder of ``work``, or None when the output is free (no lease, released, lapsed,
+    or held by a dead process of this host)."""
     generations = _generations(fs, work)
     if not generations:
         return None
@@ -71,7 +95,21 @@ def current_holder(fs, work: str, now: float | None = None) -> Holder | None:
     except FileNotFoundError:
         return None
     now = time.time() if now is None else now
-    return None if holder.released or holder.expires_at <= now else holder
+    return None if holder.released or holder.expires_at <= now or _process_gone(holder) else holder
+
+
+def check_held(fs, work: str, generation: int, token: str) -> None:
+    """Raises LeaseLost unless lease ``generation`` with ``token`` is still ``work``'s current one
+    (for workers that commit under a lease their driver holds)."""
+    generations = _generations(fs, work)
+    if generations and generations[-1] == generation:
+        try:
+            if read_json(fs, join(work, lease_name(generation))).get("token") == token:
+                return
+        except FileNotFoundError:
+            pass
+    raise LeaseLost(f"{work}: this run's lease lapsed and another run took the output over; "
+                    "stopping without writing")
 
 
 def _create_exclusive(fs, path: str, data: bytes) -> bool:
@@ -101,15 +139,12 @@ class Lease:
         return join(self.work, lease_name(self.generation))
 
     def _write(self) -> None:
-        with self.fs.open(self.path, "wb") as f:
-            f.write(json.dumps(asdict(self.holder)).encode())
+        # Atomic: a run reading the holder while it is renewed must never see half a file.
+        write_bytes_atomic(self.fs, self.path, json.dumps(asdict(self.holder)).encode())
 
     def check(self) -> None:
         """Raises LeaseLost unless this lease is still the output's current one."""
-        generations = _generations(self.fs, self.work)
-        if not generations or generations[-1] != self.generation:
-            raise LeaseLost(f"{self.work}: this run's lease lapsed and another run took the output over; "
-                            "stopping without writing")
+        check_held(self.fs, self.work, self.generation, self.holder.token)
 
     def renew(self) -> None:
         self.check()
@@ -148,17 +183,21 @@ class Lease:
         self.release()
 
 
-def acquire(fs, work: str, ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None) -> Lease:
-    """Takes the output's lease, or raises LeaseHeld naming the live holder and how to take over."""
-    fs.makedirs(work, exist_ok=True)
+def acquire(fs, work: str, ttl: float = DEFAULT_TTL_SECONDS, now: float | None = None,
+            abandoned: Callable[[Holder], bool] | None = None) -> Lease:
+    """Takes the output's lease, or raises LeaseHeld naming the live holder and how to take over.
+    ``abandoned(holder)``: the caller knows that live-looking holder to be gone (its own earlier run)."""
+    if protocol_of(fs.unstrip_protocol(work)) in LOCAL_PROTOCOLS:
+        fs.makedirs(work, exist_ok=True)  # (s3fs would create a missing *bucket* here: never on S3)
     for _ in range(8):  # another run may take the next number between our listing and our create
         generations = _generations(fs, work)
         live = current_holder(fs, work, now)
-        if live is not None:
+        if live is not None and not (abandoned and abandoned(live)):
             raise LeaseHeld(
                 f"{work} is in use by another run ({live.describe()}); its lease expires in "
-                f"{max(0, live.expires_at - time.time()):.0f} s unless renewed. Wait for it to finish, or stop it "
-                "and re-run once its lease lapses (a killed run's lease lapses by itself)")
+                f"{max(0, live.expires_at - time.time()):.0f} s unless renewed. Wait for it to finish; or, to take "
+                "over, stop that run and re-run: a stopped run on this host frees the output at once, one on "
+                "another host when its lease lapses")
         generation = (generations[-1] if generations else 0) + 1
         started = time.time()
         holder = Holder(socket.gethostname(), os.getpid(), started, started + ttl, uuid.uuid4().hex)

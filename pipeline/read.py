@@ -11,15 +11,18 @@ byte where record ``a`` starts in an uncompressed JSONL file (None otherwise) an
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ossbatch.pipeline.batch_api import expand_choices
-from ossbatch.pipeline.storage import LOCAL, InputFile, Storage, compression_of, expand_inputs
-from ossbatch.pipeline.validate import error_request, normalize
+from ossbatch.pipeline.storage import LOCAL, InputError, InputFile, Storage, compression_of, expand_inputs
+from ossbatch.pipeline.validate import MAX_NESTING, error_request, normalize
 
 READ_BLOCK_BYTES = 1 << 20
 # s3fs reads ahead 50 MB by default; a shard is usually much smaller than that.
@@ -67,9 +70,26 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | BadLine:
         return BadLine(f"{where}: not valid UTF-8")
     except json.JSONDecodeError as err:
         return BadLine(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+    except RecursionError:
+        return BadLine(f"{where}: nested more than {MAX_NESTING} levels deep")
     if not isinstance(record, dict):
         return BadLine(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record
+
+
+@contextlib.contextmanager
+def input_errors(file: InputFile):
+    """A damaged input file as one line naming it (a truncated .gz or Parquet, a .gz that is not gzip)."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{file.uri}: not a complete gzip file ({err}); re-compress it, or leave it out of "
+                         "--input") from None
+    except pa.ArrowException as err:
+        if file.format != "parquet":
+            raise
+        raise InputError(f"{file.uri}: not a readable Parquet file ({str(err).strip()[:200]}); it may be "
+                         "truncated: write it again, or leave it out of --input") from None
 
 
 def open_input(file: InputFile, storage: Storage):
@@ -85,12 +105,13 @@ def iter_records(file: InputFile, start: int = 0, stop: int | None = None, *, of
     thread left open when it stopped at or before ``start`` (shards read in order decompress the
     file once, not once per shard). Only for callers that drain the iterator before the next call.
     """
-    if file.format == "parquet":
-        yield from _iter_parquet(file, start, stop, storage, columns)
-    elif compression_of(file.uri) and resume_stream:
-        yield from _iter_compressed(file, start, stop, storage)
-    else:
-        yield from _iter_jsonl(file, start, stop, offset, line, storage)
+    with input_errors(file):
+        if file.format == "parquet":
+            yield from _iter_parquet(file, start, stop, storage, columns)
+        elif compression_of(file.uri) and resume_stream:
+            yield from _iter_compressed(file, start, stop, storage)
+        else:
+            yield from _iter_jsonl(file, start, stop, offset, line, storage)
 
 
 def _iter_jsonl(file, start, stop, offset, line, storage):

@@ -10,6 +10,7 @@ so the object never shows them (repr, JSON, Prefect parameters) and no output fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,7 +36,42 @@ HASH_CONTENT_BELOW_BYTES = 32 << 20
 
 
 class InputError(ValueError):
-    """The job cannot start: bad inputs or an output that belongs to a different job."""
+    """The job cannot start or go on for a reason the user can fix (bad inputs, an output that
+    belongs to a different job or another run, a store that refuses us): one line, exit 2."""
+
+
+class StorageError(InputError):
+    """A store refused or lost a read or write: no space, no permission, no bucket, no endpoint."""
+
+
+# What to do about an OSError, by errno; the message names the path first.
+_ERRNO_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free some and re-run the same command (committed shards are kept)",
+    errno.EDQUOT: "disk quota exceeded; free some and re-run the same command (committed shards are kept)",
+    errno.EROFS: "the file system is read-only; choose a writable --output",
+    errno.EACCES: "permission denied; choose an --output you can write, or fix its permissions",
+    errno.EPERM: "permission denied; choose an --output you can write, or fix its permissions",
+}
+
+
+def storage_error(err: BaseException, path: str, doing: str) -> StorageError:
+    """One sentence for an error of a store, naming ``path`` and what to do."""
+    text = str(err)
+    code = getattr(err, "errno", None)
+    if code in _ERRNO_ADVICE:
+        return StorageError(f"{doing} {path}: {_ERRNO_ADVICE[code]}")
+    bucket = path.split("://", 1)[-1].split("/", 1)[0]
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return StorageError(f"{doing} {path}: the bucket {bucket!r} does not exist; create it or fix --output")
+    if isinstance(err, PermissionError) or any(
+            word in text for word in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        return StorageError(f"{doing} {path}: access denied ({_first_line(text)}); check the credentials "
+                            "(AWS_* variables or --storage-options) and the bucket's policy")
+    return StorageError(f"{doing} {path}: {_first_line(text) or type(err).__name__}")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
 
 
 def protocol_of(uri: str) -> str:
@@ -173,13 +209,19 @@ def _listed(fs, path: str) -> list[tuple[str, dict]]:
         return []
     if info.get("type") != "directory":
         return [(path, info)]
-    # A directory means its data files, not the _SUCCESS / .crc litter other tools leave.
+    # A directory means its data files, not the _SUCCESS / .crc / _temporary / .ipynb_checkpoints
+    # litter other tools leave: any path component under it starting with "_" or "." is hidden
+    # (Spark's and Hadoop's convention).
     found = fs.find(path, detail=True)
+    root = path.rstrip("/") + "/"
     return sorted(
-        ((p, i) for p, i in found.items()
-         if input_format(p) and not posixpath.basename(p).startswith(("_", "."))),
+        ((p, i) for p, i in found.items() if input_format(p) and not _hidden(p[len(root):] if p.startswith(root) else p)),
         key=lambda item: item[0],
     )
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
 def version_tag(info: dict) -> str:
@@ -271,9 +313,11 @@ def atomic_open(fs, path: str, mode: str = "wb"):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+        except BaseException as err:
+            with contextlib.suppress(OSError):
                 os.remove(temp)
+            if isinstance(err, OSError) and err.errno in _ERRNO_ADVICE:
+                raise storage_error(err, path, "cannot write") from err
             raise
         return
     if protocol in DEFERRED_COMMIT_PROTOCOLS:
@@ -323,7 +367,8 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
 
 
 def write_json_atomic(fs, path: str, obj) -> None:
-    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    # Strict JSON: a NaN would make the file unreadable to most JSON parsers (allow_nan=False raises).
+    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n").encode())
 
 
 def read_json(fs, path: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 
 import jsonschema
 
@@ -41,9 +42,9 @@ INSTRUCTION_ROLES = ("system", "developer")
 # json_object mode has no schema of its own; "any JSON object" is what it promises.
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 MAX_ERRORS_PER_ROW = 3
-
-
-
+# Deeper rows are refused: Python's recursive JSON and JSON Schema code (json, jsonschema) hits
+# its recursion limit near 100 schema levels or 1000 value levels, far past any real row.
+MAX_NESTING = 64
 
 @functools.cache
 def load_schema(name: str) -> dict:
@@ -76,14 +77,35 @@ def is_batch_line(record: dict) -> bool:
 def record_id(record: dict, fallback: str) -> str:
     """The row's id: ``id``, else ``custom_id``, else ``fallback`` ("file:line").
 
+    An integral float (``7.0``, as a Parquet float column or a JSON writer gives it) is the id
+    its integer would be ("7"), so results join back; any other float is refused by the schema.
     The planner deduplicates with this same function, so the ids it checks are the ids read.
     """
     value = record.get("id")
     if value is None:
         value = record.get("custom_id")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         return fallback
     return str(value)
+
+
+def nesting_depth_exceeds(value, limit: int = MAX_NESTING) -> bool:
+    """True when ``value`` nests lists/dicts more than ``limit`` levels (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
 
 
 def passthrough_of(record: dict) -> dict:
@@ -110,7 +132,14 @@ def normalize(record: dict, *, fallback_id: str, where: str) -> dict:
     kind = BATCH_ENDPOINTS.get(record.get("url"), "chat") if batch else "row"
     passthrough = passthrough_of(record)
     present = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
-    problems = schema_problems(present)
+    deep = [k for k, v in present.items() if nesting_depth_exceeds(v, MAX_NESTING - 1)]
+    if deep:
+        return error_request(request_id, f"{where}: {deep[0]}: nested more than {MAX_NESTING} levels deep",
+                             kind, {k: v for k, v in passthrough.items() if k not in deep})
+    try:
+        problems = schema_problems(present)
+    except RecursionError:
+        problems = [f"row: nested too deeply to check (more than {MAX_NESTING} levels)"]
     if problems:
         return error_request(request_id, f"{where}: {'; '.join(problems)}", kind, passthrough)
     try:
@@ -211,19 +240,110 @@ def _schema_text(value, where: str) -> str:
             raise RowError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(value, (dict, bool)):
         raise RowError(f"{where}: must be a JSON Schema object, got {_show(value)}")
+    if nesting_depth_exceeds(value):
+        raise RowError(f"{where}: nested more than {MAX_NESTING} levels deep")
     try:
         jsonschema.Draft202012Validator.check_schema(value)
     except jsonschema.SchemaError as err:
         raise RowError(f"{where}: not a valid JSON Schema ({err.message})") from None
+    except RecursionError:
+        raise RowError(f"{where}: nested too deeply to check") from None
+    loop = _ref_loop(value)
+    if loop:
+        raise RowError(f"{where}: $ref {loop!r} refers back to itself without describing any value "
+                       "(a self-referencing $ref matches nothing a model could write)")
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# Keywords whose subschemas apply to the same value as their parent: following only these,
+# a $ref that comes back to where it started never reaches a property or an item.
+_IN_PLACE_LISTS = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+
+
+def _pointer(root, ref: str):
+    """The subschema a local ``$ref`` ("#", "#/$defs/a") names, or None."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for token in [t for t in ref[1:].split("/") if t]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
+
+
+def _ref_loop(root) -> str | None:
+    """A local $ref that reaches itself through in-place keywords only, or None."""
+    def in_place(node):
+        if not isinstance(node, dict):
+            return []
+        found = [node[k] for k in _IN_PLACE_ONE if isinstance(node.get(k), dict)]
+        for key in _IN_PLACE_LISTS:
+            found += [n for n in node.get(key) or [] if isinstance(n, dict)] if isinstance(node.get(key), list) else []
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            target = _pointer(root, ref)
+            if isinstance(target, dict):
+                found.append((ref, target))
+        return found
+
+    # Every subschema is a possible start; a walk along in-place edges that revisits a node loops.
+    starts, seen_starts = [root], set()
+    stack = [root]
+    while stack:  # collect every dict subschema without recursion
+        node = stack.pop()
+        if isinstance(node, dict):
+            if id(node) in seen_starts:
+                continue
+            seen_starts.add(id(node))
+            starts.append(node)
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    done: set[int] = set()
+    for start in starts:
+        if id(start) in done:
+            continue
+        path: dict[int, str | None] = {}
+        walk = [(start, None, False)]
+        while walk:
+            node, via, leaving = walk.pop()
+            if leaving:
+                path.pop(id(node), None)
+                done.add(id(node))
+                continue
+            if id(node) in path:
+                return via or "#"
+            if id(node) in done:
+                continue
+            path[id(node)] = via
+            walk.append((node, via, True))
+            for edge in in_place(node):
+                ref, child = edge if isinstance(edge, tuple) else (via, edge)
+                walk.append((child, ref, False))
+    return None
+
+
+def _finite(source: dict, name: str, bounds: str) -> float | None:
+    if name not in source:
+        return None
+    value = float(source[name])
+    if not math.isfinite(value):  # NaN passes every bound check of the schema
+        raise RowError(f"{name}: must be a number {bounds}, got {value}")
+    return value
 
 
 def _sampling(source: dict, max_tokens_keys: tuple[str, ...]) -> dict:
     max_tokens = next((source[k] for k in max_tokens_keys if source.get(k) is not None), None)
     return {
         "max_tokens": int(max_tokens) if max_tokens is not None else None,
-        "temperature": float(source["temperature"]) if "temperature" in source else None,
-        "top_p": float(source["top_p"]) if "top_p" in source else None,
+        "temperature": _finite(source, "temperature", "from 0 to 2"),
+        "top_p": _finite(source, "top_p", "in (0, 1]"),
         "seed": int(source["seed"]) if "seed" in source else None,
     }
 

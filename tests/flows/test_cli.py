@@ -117,7 +117,8 @@ def test_bad_flag_is_named(tmp_path, capsys):
     assert "--max-tokens must be positive" in capsys.readouterr().err
 
 
-def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_failure_while_parsing_one_row_is_that_rows_error_and_the_shard_commits(tiny_model_dir, tmp_path, monkeypatch):
+    # Issue 12: one row's failure is that row's error (it used to fail the whole shard).
     from ossbatch.pipeline.infer import ShardInferencer
 
     real_result = ShardInferencer._result
@@ -129,9 +130,11 @@ def test_a_failure_while_parsing_fails_the_shard_and_commits_nothing(tiny_model_
 
     monkeypatch.setattr(ShardInferencer, "_result", result_failing_on_b)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="row b"):
-        _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS), out, "--max-tokens", "4", "--temperature", "0")
-    assert not list(out.glob("**/*.parquet"))
+    _run(tiny_model_dir, _write_jsonl(tmp_path / "in.jsonl", ROWS), out, "--max-tokens", "4", "--temperature", "0")
+    rows, _ = _read_output(out)
+    assert rows["b"]["status"] == "error" and "RuntimeError: parser blew up on row b" in rows["b"]["error"]
+    assert rows["b"]["prompt_tokens"] > 0 and rows["b"]["completion_tokens"] > 0  # it ran; its parse failed
+    assert rows["a"]["status"] != "error" and rows["c"]["status"] != "error"
 
 
 def test_two_kv_slots_refilled_give_every_row_what_a_wide_batch_gives(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ from pipeline_fakes import FakeEngine, prompt_rows, write_jsonl
 from ossbatch.pipeline import driver as driver_module
 from ossbatch.pipeline.driver import run_job, run_shard, run_shards
 from ossbatch.pipeline.job import JobSpec, finalize_job, pending_shards, plan_job
+from ossbatch.pipeline.storage import StorageError
 
 MODEL = {"path": "/models/gpt-oss-20b", "content_hash": "sha256:model-a", "config": {"num_hidden_layers": 24}}
 
@@ -29,7 +30,8 @@ def test_a_shard_read_ahead_that_fails_surfaces_in_its_turn_after_the_shard_befo
 
     monkeypatch.setattr(driver_module, "read_shard", read_failing_on_shard_1)
     engine = FakeEngine()
-    with pytest.raises(OSError, match="shard 1"):
+    # A store's OSError becomes one line naming the shard, the output and the cause (exit 2 from the CLI).
+    with pytest.raises(StorageError, match=r"reading shard 1 for .*out: storage went away while reading shard 1"):
         run_job(spec(inputs, out), engine)
     # Shard 1 was read (and failed) while shard 0 ran; shard 0 still committed, nothing after it ran.
     assert engine.ids_seen == [f"r{i:05d}" for i in range(10)]

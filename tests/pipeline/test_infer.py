@@ -46,3 +46,78 @@ def test_an_inferencer_loads_nothing_until_it_runs(tiny_model_dir, monkeypatch):
     load_engine.cache_clear()
     infer = ShardInferencer(Job(model=str(tiny_model_dir), inputs=["x"], output="y"))
     assert infer.settings == JobOptions().sampling and infer.engine.model == str(tiny_model_dir)
+
+
+def test_an_exception_in_one_rows_grammar_generation_parse_or_validation_is_that_rows_error(tiny_model_dir, monkeypatch):
+    from ossbatch.engine import generate as generate_module
+    from ossbatch.pipeline import answer, grammar, infer, parse
+    from ossbatch.pipeline.validate import normalize
+
+    def schema(tag):
+        return {"type": "object", "description": tag, "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+
+    real_compile, real_generate, real_parse = grammar.compile_row_grammar, infer.generate, parse.parse_completion
+    real_validate = answer.validate_answer
+
+    def compile_row_grammar(schema_text, max_reasoning):
+        if schema_text and "poison-grammar" in schema_text:
+            raise KeyError("grammar blew up")
+        return real_compile(schema_text, max_reasoning)
+
+    def generate(model, prompts, params, *args, **kwargs):
+        if any(p.seed == 4242 for p in params):
+            raise OverflowError("Overflow when unpacking long long")
+        return real_generate(model, prompts, params, *args, **kwargs)
+
+    parsed = []
+
+    def parse_completion(token_ids, finish_reason):
+        parsed.append(1)
+        if len(parsed) == 1:
+            raise IndexError("parser blew up")
+        return real_parse(token_ids, finish_reason)
+
+    def validate_answer(text, schema_text):
+        if "poison-validate" in schema_text:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_validate(text, schema_text)
+
+    monkeypatch.setattr(grammar, "compile_row_grammar", compile_row_grammar)
+    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(infer, "parse_completion", parse_completion)
+    monkeypatch.setattr(answer, "validate_answer", validate_answer)
+    assert generate_module  # the engine itself is untouched: only the calls into it fail
+    records = [{"id": f"good-{i}", "prompt": f"hello {i}"} for i in range(4)]
+    records += [{"id": "grammar", "prompt": "x", "schema": schema("poison-grammar")},
+                {"id": "generate", "prompt": "x", "seed": 4242},
+                {"id": "validate", "prompt": "x", "schema": schema("poison-validate")}]
+    requests = [normalize(r, fallback_id=r["id"], where=f"in.jsonl line {i + 1}") for i, r in enumerate(records)]
+    infer_shard = ShardInferencer(Job(model=str(tiny_model_dir), inputs=["x"], output="y",
+                                      options=JobOptions(max_tokens=4, max_batch_rows=8)))
+    results, stats = infer_shard(requests)
+    by_id = {r["id"]: r for r in results}
+    assert [r["id"] for r in results] == [r["id"] for r in records]
+    assert by_id["grammar"]["status"] == "error" and "KeyError: 'grammar blew up'" in by_id["grammar"]["error"]
+    assert by_id["generate"]["status"] == "error" and by_id["generate"]["error"].startswith("generation: OverflowError")
+    assert by_id["validate"]["status"] == "error" and "parse/validation: RecursionError" in by_id["validate"]["error"]
+    parse_failed = [r for r in results if "parser blew up" in (r["error"] or "")]
+    assert len(parse_failed) == 1 and parse_failed[0]["status"] == "error"
+    others = [r for r in results if r["id"] not in ("grammar", "generate", "validate") and r is not parse_failed[0]]
+    assert len(others) >= 3 and all(r["status"] in ("ok", "length") and r["completion_tokens"] > 0 for r in others)
+
+
+def test_an_engine_that_fails_for_every_row_stops_the_shard(tiny_model_dir, monkeypatch):
+    from ossbatch.pipeline import infer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(infer, "generate", broken)
+    from ossbatch.pipeline.validate import normalize
+
+    requests = [normalize({"id": f"r{i}", "prompt": "x"}, fallback_id="f", where="w") for i in range(3)]
+    infer_shard = ShardInferencer(Job(model=str(tiny_model_dir), inputs=["x"], output="y", options=JobOptions(max_tokens=2)))
+    import pytest
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        infer_shard(requests)

@@ -45,6 +45,7 @@ def test_shards_commit_once_and_a_rerun_skips_committed_ones(tmp_path):
         run_job(spec(inputs, out), crashing)
     plan = plan_job(spec(inputs, out))
     assert plan.num_shards == 3 and pending_shards(plan) == [1, 2] and plan.already_committed == [0]
+    del plan  # that run ends unfinished: its lease is free for the next one
 
     resumed = FakeEngine()
     manifest = run_job(spec(inputs, out), resumed)
@@ -138,6 +139,7 @@ def test_part_written_without_marker_is_redone_and_not_duplicated(tmp_path, monk
             commit_shard(plan, shard, *engine(read_shard(plan, shard)), worker="w1", seconds=1.0)
     assert (out / "data" / "part-00001.parquet").exists() and pending_shards(plan) == [1, 2]
     monkeypatch.setattr(job_module, "write_json_atomic", real_write_json)
+    del plan  # the killed run: its lease is free for the re-run
 
     rerun = FakeEngine()
     manifest = run_job(spec(inputs, out), rerun)
