@@ -46,7 +46,7 @@ def one_line(capsys) -> str:
 
 
 def parquet_ids(folder) -> list[str]:
-    return sorted(i for p in sorted(folder.glob("*.parquet")) for i in pq.read_table(p).column("id").to_pylist())
+    return sorted(i for p in sorted((folder / "data").glob("*.parquet")) for i in pq.read_table(p).column("id").to_pylist())
 
 
 # --- inputs and outputs that surprise (item 4) ---
@@ -69,7 +69,7 @@ def test_an_input_inside_the_output_is_refused_before_anything_is_deleted(tiny_m
     before = sorted(p.name for p in out.iterdir())
     assert run(tiny_model_dir, out, out, "--overwrite") == 2
     assert "lies inside --output" in one_line(capsys)
-    assert run(tiny_model_dir, out / "part-00000.parquet", out, "--overwrite") == 2
+    assert run(tiny_model_dir, out / "data" / "part-00000.parquet", out, "--overwrite") == 2
     assert "lies inside --output" in one_line(capsys)
     assert sorted(p.name for p in out.iterdir()) == before and parquet_ids(out) == [f"r{i:05d}" for i in range(6)]
 
@@ -78,10 +78,10 @@ def test_an_input_inside_the_output_is_refused_before_anything_is_deleted(tiny_m
 def test_an_empty_input_writes_a_zero_row_part_with_the_full_schema(tiny_model_dir, tmp_path, fake_engine, content):
     (tmp_path / "in.jsonl").write_bytes(content)
     assert run(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out") == 0
-    table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    table = pq.read_table(tmp_path / "out" / "data" / "part-00000.parquet")
     assert table.num_rows == 0 and table.schema.names == [f.name for f in RESULT_FIELDS]
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["output"]["parts"] == ["part-00000.parquet"] and manifest["rows"]["total"] == 0
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["output"]["parts"] == ["data/part-00000.parquet"] and manifest["rows"]["total"] == 0
 
 
 def test_an_integral_float_id_keeps_its_integers_text_in_parquet(tiny_model_dir, tmp_path, fake_engine):
@@ -248,7 +248,7 @@ def test_s3_endpoint_going_away_mid_job_stops_cleanly_and_the_rerun_resumes(tiny
         assert run(tiny_model_dir, source, "s3://going-away/out", "--storage-options", options) == 0
         assert fake_engine[-1].ids_seen[0] == "r00005"  # shard 0 stayed committed
         ids = []
-        for name in sorted(fs.ls("going-away/out", refresh=True)):
+        for name in sorted(fs.ls("going-away/out/data", refresh=True)):
             if name.endswith(".parquet"):
                 with fs.open(name, "rb") as f:
                     ids += pq.read_table(f).column("id").to_pylist()
@@ -268,6 +268,6 @@ def test_the_releases_original_folder_runs_given_directly_or_through_its_root(tm
     outputs = {}
     for name, model in (("root", root), ("original", root / "original")):
         assert run(model, source, tmp_path / name, "--max-tokens", "3", "--temperature", "0") == 0
-        outputs[name] = {r["id"]: r["output_text"] for p in sorted((tmp_path / name).glob("*.parquet"))
+        outputs[name] = {r["id"]: r["output_text"] for p in sorted((tmp_path / name / "data").glob("*.parquet"))
                          for r in pq.read_table(p).to_pylist()}
     assert outputs["root"] == outputs["original"] and len(outputs["root"]) == 2

@@ -22,8 +22,8 @@ def test_a_hostile_corpus_runs_in_one_job_and_each_bad_row_fails_alone(tiny_mode
     code = main(["run", "--model", str(tiny_model_dir), "--input", str(CORPUS), "--output", str(out),
                  "--orchestrator", "none", "--quiet", "--max-tokens", str(MAX_TOKENS), "--shard-rows", "16"])
     assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))]).to_pylist()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("*.parquet"))]).to_pylist()
     lines = [line for line in CORPUS.read_bytes().splitlines() if line.strip()]
     assert manifest["rows"]["total"] == len(rows) == len(lines)
     assert len({r["id"] for r in rows}) == len(rows)

@@ -46,9 +46,9 @@ def _race(model, source, output, first, second, tmp_path):
 
 def _rows(fs, work: str) -> list[dict]:
     tables = []
-    for name in list_names(fs, work):
+    for name in list_names(fs, f"{work}/data"):
         if name.endswith(".parquet"):
-            with fs.open(f"{work}/{name}", "rb") as f:
+            with fs.open(f"{work}/data/{name}", "rb") as f:
                 tables.append(pq.read_table(f))
     return pa.concat_tables(tables).to_pylist()
 
@@ -56,7 +56,7 @@ def _rows(fs, work: str) -> list[dict]:
 def _assert_one_jobs_output(output: str):
     fs, work = LOCAL.filesystem(output)
     job_file = json.loads(fs.cat_file(f"{work}/_job.json"))
-    manifest = json.loads(fs.cat_file(f"{work}/manifest.json"))
+    manifest = json.loads(fs.cat_file(f"{work}/_manifest.json"))
     assert manifest["job_key"] == job_file["job_key"]
     markers = [json.loads(fs.cat_file(f"{work}/_shards/{n}")) for n in list_names(fs, f"{work}/_shards")]
     assert len(markers) == ROWS // 5 and {m["job_key"] for m in markers} == {job_file["job_key"]}
@@ -131,7 +131,7 @@ def test_overwrite_recovers_an_output_tangled_by_two_jobs(tmp_path):
     run_job(spec(32, overwrite=True), FakeEngine())
     for name, text in markers.items():  # the tangle: job 32's _job.json, job 4's markers
         (out / "_shards" / name).write_text(text)
-    (out / "manifest.json").unlink()
+    (out / "_manifest.json").unlink()
     with pytest.raises(InputError, match="belongs to another job; re-run with --overwrite"):
         run_job(spec(32), FakeEngine())
     engine = FakeEngine()
@@ -166,4 +166,4 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_commit(tmp_path)
     with pytest.raises(LeaseLost, match="another run took the output over"):
         run_job(JobSpec(inputs=source, output=str(out), shard_rows=5), infer_and_lose_the_lease)
     assert sorted(os.listdir(out / "_shards")) == ["shard-00000.json"]
-    assert not (out / "part-00001.parquet").exists()
+    assert not (out / "data" / "part-00001.parquet").exists()

@@ -33,8 +33,8 @@ def lines() -> list[dict]:
 
 
 def parts(output) -> list[dict]:
-    # The output folder also holds manifest.json: read the parts, in order.
-    return [row for part in sorted(output.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    # The result rows are OUTPUT/data's parts, in order.
+    return [row for part in sorted((output / "data").glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
 
 
 def parse(text: str) -> dict:
