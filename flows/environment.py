@@ -1,6 +1,6 @@
 """The process environment ossbatch sets, in one place: `prepare_environment`, called once by the
 command line before anything reads it (Prefect reads its settings on import, the Triton kernels
-choose the interpreter on import)."""
+choose the interpreter on import), and `use_prefect_server` once a temporary server is up."""
 
 import os
 from pathlib import Path
@@ -31,3 +31,8 @@ def prepare_environment(*, backend: str | None = None, device: str | None = None
 
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def use_prefect_server(url: str) -> None:
+    """Runs report to the server at ``url`` (read by Prefect when it is imported, after this)."""
+    os.environ["PREFECT_API_URL"] = url

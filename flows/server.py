@@ -29,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ossbatch.flows.environment import use_prefect_server
+
 
 def reports_to_a_server() -> bool:
     """A Prefect server to report to was named (PREFECT_API_URL, or the settings of a Prefect
@@ -77,7 +79,7 @@ class TemporaryServer:
             env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
         atexit.register(self.stop)
-        os.environ["PREFECT_API_URL"] = self.url  # read by Prefect when it is imported, after this
+        use_prefect_server(self.url)
 
     def wait(self) -> None:
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))

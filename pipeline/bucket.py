@@ -1,5 +1,5 @@
 """Length buckets: sort a shard's rows by prompt length and pack them into
-static batches under a token budget, so a batch's rows are of similar length
+batches under a token budget, so a batch's rows are of similar length
 and padding stays small; and groups of rows that share a prompt prefix, so the
 engine prefills and stores the prefix once."""
 
