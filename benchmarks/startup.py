@@ -33,6 +33,7 @@ from pathlib import Path
 from common import CACHE, matmul_peak_gflops, table
 
 from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
+from ossbatch.flows.server import stop_process
 
 DEMO_SHAPE = dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, hidden_size=128,
                   intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16)
@@ -100,12 +101,7 @@ class RunningServer:
         raise SystemExit("prefect server start did not answer in 180 s")
 
     def __exit__(self, *exc):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, grace_seconds=15)
 
 
 def main() -> None:

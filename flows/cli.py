@@ -86,30 +86,26 @@ def _storage_flag(text: str) -> Storage:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
+def _positive(flag: str, kind: type, noun: str, positive: str):
+    """An argparse type: ``kind(text)``, finite and above zero, or a message naming ``flag``."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+            raise argparse.ArgumentTypeError(f"{flag} must be {noun}, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be {positive}, got {text if kind is float else value}")
         return value
 
     return parse
+
+
+def _positive_int(flag: str):
+    return _positive(flag, int, "an integer", "positive")
 
 
 def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
-        return value
-
-    return parse
+    return _positive(flag, float, "a number", "a positive number")
 
 
 def _read_json_file(flag: str, path: str):
