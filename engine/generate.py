@@ -140,9 +140,11 @@ class Forward:
         self.kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
         self.logits = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
         self.prefix_len = self.prefix_of = None  # per slot, once rows share prefixes: the prefix's length and id
+        self.root = _common_root(prefixes)  # what every prefix begins with: prefilled once, stored as prefix id len(prefixes)
         if prefixes:
-            self.cache.prefix = PrefixKV(model.config, [len(p) for p in prefixes], model.dtype, model.device)
-            self.prefix_ready = [False] * len(prefixes)
+            stored = prefixes + ([self.root] if self.root else [])
+            self.cache.prefix = PrefixKV(model.config, [len(p) for p in stored], model.dtype, model.device)
+            self.prefix_ready = [False] * len(stored)
             self.prefix_len = torch.zeros(slots, dtype=torch.int64)
             self.prefix_of = torch.full((slots,), -1, dtype=torch.int64)
         self.computed = 0  # prompt tokens run through the model
@@ -172,17 +174,35 @@ class Forward:
 
     def _prefill_prefixes(self, ids: list[int]) -> int:
         """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read.
+        With a common root, the root is prefilled once and each prefix computes only what follows
+        it, attending to the root's stored copy (a job-wide header above each prompt's n samples).
         Returns the padded prompt slots."""
         if not ids:
             return 0
-        prompts = [self.prefixes[p] for p in ids]
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        padded = 0
+        root_id = len(self.prefixes) if self.root else None
+        if root_id is not None and not self.prefix_ready[root_id]:
+            padded += self._prefill_into_store([root_id], [self.root])
+        offset = len(self.root)
+        return padded + self._prefill_into_store(ids, [self.prefixes[p][offset:] for p in ids], root_id)
+
+    def _prefill_into_store(self, ids: list[int], own: list[list[int]], parent: int | None = None) -> int:
+        """Prefills `own` (each prefix's tokens past its parent's) in a scratch cache, attending to the
+        parent's stored KV, and stores each prefix whole. Returns the padded prompt slots."""
+        offset = int(self.cache.prefix.lengths[parent]) if parent is not None else 0
+        lengths = torch.tensor([len(p) for p in own], dtype=torch.int64)
         scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-        step = Step.build(torch.repeat_interleave(torch.arange(len(ids)), lengths), positions, lengths, len(ids))
+        tokens = torch.tensor([t for p in own for t in p], dtype=torch.int64)
+        positions = torch.cat([torch.arange(offset, offset + n) for n in lengths.tolist()])
+        rows = torch.arange(len(ids))
+        if parent is None:
+            step = Step.build(torch.repeat_interleave(rows, lengths), positions, lengths, len(ids))
+        else:
+            scratch.prefix = self.cache.prefix
+            step = Step.build(torch.repeat_interleave(rows, lengths), positions, lengths, len(ids),
+                              torch.full((len(ids),), offset), torch.full((len(ids),), parent))
         self.model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
-        self.cache.prefix.store(ids, scratch)
+        self.cache.prefix.store(ids, scratch, parent)
         self.computed += int(lengths.sum())
         for p in ids:
             self.prefix_ready[p] = True
@@ -334,6 +354,20 @@ def generate(
     per_slot_token = sum(t[0, 0].numel() * t.element_size() for t in forward.cache.k + forward.cache.v)
     stats.kv_bytes_saved = max(0, slots * unshared_len * per_slot_token - stats.kv_cache_bytes)
     return outputs.completions(cached), stats
+
+
+MIN_ROOT_TOKENS = 16  # a shorter common root is not worth a prefill of its own
+
+
+def _common_root(prefixes: list[list[int]]) -> list[int]:
+    """The tokens every prefix begins with, kept one token short of the shortest (each prefix
+    computes at least one token of its own); empty when there is nothing worth sharing."""
+    if len(prefixes) < 2:
+        return []
+    first, length = prefixes[0], min(len(p) for p in prefixes) - 1
+    for other in prefixes[1:]:
+        length = next((i for i in range(length) if other[i] != first[i]), length)
+    return first[:length] if length >= MIN_ROOT_TOKENS else []
 
 
 def _shared_prefixes(shared: list[SharedPrefix], prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:

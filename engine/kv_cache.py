@@ -32,13 +32,21 @@ class PrefixKV:
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             self.start.append(self.lengths - kept)
 
-    def store(self, prefixes: list[int], filled: "KVCache") -> None:
-        """Copies prefixes[i]'s keys and values from row i of a cache they were prefilled in."""
+    def store(self, prefixes: list[int], filled: "KVCache", parent: int | None = None) -> None:
+        """Copies prefixes[i]'s keys and values from row i of a cache they were prefilled in. With a
+        `parent` (a stored prefix they all begin with), row i holds only the positions past the
+        parent's length, from index 0, and the positions before it are copied from the parent."""
+        offset = int(self.lengths[parent]) if parent is not None else 0
         for layer, start in enumerate(self.start):
             for row, prefix in enumerate(prefixes):
                 begin, end = int(start[prefix]), int(self.lengths[prefix])
-                self.k[layer][prefix, : end - begin] = filled.k[layer][row, begin:end]
-                self.v[layer][prefix, : end - begin] = filled.v[layer][row, begin:end]
+                split = max(begin, offset)  # positions from here on were computed in `filled`
+                if split > begin:  # the child keeps no earlier position than its parent does
+                    parent_begin = int(start[parent])
+                    self.k[layer][prefix, : split - begin] = self.k[layer][parent, begin - parent_begin : split - parent_begin]
+                    self.v[layer][prefix, : split - begin] = self.v[layer][parent, begin - parent_begin : split - parent_begin]
+                self.k[layer][prefix, split - begin : end - begin] = filled.k[layer][row, split - offset : end - offset]
+                self.v[layer][prefix, split - begin : end - begin] = filled.v[layer][row, split - offset : end - offset]
 
     @property
     def nbytes(self) -> int:

@@ -6,7 +6,7 @@ what transformers gives (<= 1e-3)."""
 import pytest
 import torch
 
-from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
+from ossbatch.engine.generate import MIN_ROOT_TOKENS, SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
@@ -142,28 +142,30 @@ def test_sharing_equals_transformers(checkpoint, model):
 
 TRITON_SCRIPT = """
 import json, sys, torch
-from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
+from ossbatch.engine.generate import MIN_ROOT_TOKENS, SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
 prompts, shared = json.loads(sys.argv[2])
 shared = [SharedPrefix(tuple(rows), length) for rows, length in shared]
 params = [SamplingParams(max_tokens=5)] * len(prompts)
 model = Transformer.from_checkpoint(sys.argv[1], torch.float32, backend="triton")
 out = {}
-for name, kwargs in (("alone", {}), ("shared", dict(shared_prefixes=shared, slots=4, prefill_groups=[[0, 1, 2, 3], [4, 5, 6]]))):
+half = [list(range(4)), list(range(4, len(prompts)))]
+for name, kwargs in (("alone", {}), ("shared", dict(shared_prefixes=shared, slots=4, prefill_groups=half))):
     completions, _ = generate(model, prompts, params, [], logprobs=True, **kwargs)
     out[name] = [(c.token_ids, c.logprobs) for c in completions]
 print(json.dumps(out))
 """
 
 
-def test_triton_backend_shares_as_torch_does(checkpoint, model):
+@pytest.mark.parametrize("nested", [False, True], ids=["two-prefixes", "header-above-prefixes"])
+def test_triton_backend_shares_as_torch_does(checkpoint, model, nested):
     """The Triton backend under the interpreter (a subprocess: the interpreter is chosen at import)."""
     import json
     import os
     import subprocess
     import sys
 
-    prompts, shared = _batch(6)
+    prompts, shared = _header_batch(6, MIN_ROOT_TOKENS)[:2] if nested else _batch(6)
     arg = json.dumps([prompts, [[list(s.rows), s.length] for s in shared]])
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(checkpoint), arg], capture_output=True, text=True,
                           env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=600)
@@ -190,3 +192,54 @@ def test_prefix_is_stored_once_and_windowed_layers_keep_the_tail():
     store.store([0, 1], filled)
     assert store.k[0][0, :, 0, 0].tolist() == [6, 7, 8]  # positions 6..8: all a query at 9+ sees through a window of 4
     assert store.k[1][0, :, 0, 0].tolist() == list(range(9)) and store.k[1][1, :2, 0, 0].tolist() == [0, 1]
+
+
+def _header_batch(seed: int, header_len: int):
+    """A job-wide header above three prompts, each sampled by several rows (synth --n over a
+    shared developer message): the prompts are the shared prefixes, the header their common root."""
+    gen = torch.Generator().manual_seed(seed)
+    header = _tokens(gen, header_len)
+    items = [header + _tokens(gen, n) for n in (3, 2 * WINDOW, 5)]
+    prompts = [items[0]] * 3 + [items[1]] * 2 + [items[2] + _tokens(gen, 2)] + [items[2] + _tokens(gen, 4)] + [_tokens(gen, 6)]
+    shared = [SharedPrefix((0, 1, 2), len(items[0])), SharedPrefix((3, 4), len(items[1])), SharedPrefix((5, 6), len(items[2]))]
+    return prompts, shared, header
+
+
+@pytest.mark.parametrize("header_len", [MIN_ROOT_TOKENS, 3 * MIN_ROOT_TOKENS])
+def test_a_header_above_the_prefixes_is_computed_once(model, header_len):
+    """Nested prefixes: the prefixes' common root is prefilled once; each prefix computes only what
+    follows it (slots refilled, sampled rows), and every row's tokens are its unshared tokens."""
+    prompts, shared, header = _header_batch(8, header_len)
+    params = [SamplingParams(max_tokens=NEW_TOKENS, temperature=0.8, seed=i) for i in range(len(prompts))]
+    alone, _ = generate(model, prompts, params, [], logprobs=True)
+    together, stats = generate(model, prompts, params, [], logprobs=True, shared_prefixes=shared, slots=5)
+    _assert_same(alone, together)
+    prefix_lengths = [min(s.length, *(len(prompts[r]) - 1 for r in s.rows)) for s in shared]
+    own = sum(len(prompts[r]) - n for s, n in zip(shared, prefix_lengths) for r in s.rows) + len(prompts[7])
+    assert stats.prompt_computed == len(header) + sum(n - len(header) for n in prefix_lengths) + own
+
+
+def test_no_root_when_prefixes_share_little(model):
+    prompts, shared, header = _header_batch(9, MIN_ROOT_TOKENS - 1)
+    params = [SamplingParams(max_tokens=3)] * len(prompts)
+    alone, _ = generate(model, prompts, params, [], logprobs=True)
+    together, stats = generate(model, prompts, params, [], logprobs=True, shared_prefixes=shared)
+    _assert_same(alone, together)
+    prefix_lengths = [min(s.length, *(len(prompts[r]) - 1 for r in s.rows)) for s in shared]
+    assert stats.prompt_computed == sum(prefix_lengths) + sum(len(prompts[r]) - n for s, n in zip(shared, prefix_lengths) for r in s.rows) + len(prompts[7])
+
+
+def test_a_child_prefix_stores_its_parents_keys_then_its_own():
+    from ossbatch.engine.kv_cache import KVCache, PrefixKV
+
+    config = preset_config("tiny", num_hidden_layers=2, sliding_window=4)  # layer 0 windowed, layer 1 full
+    store = PrefixKV(config, [7, 5], torch.float32)  # prefix 0 (7 tokens) continues the parent, prefix 1 (5)
+    parent = KVCache.for_model(config, 1, 5, torch.float32)
+    child = KVCache.for_model(config, 1, 2, torch.float32)
+    for layer in range(2):
+        parent.k[layer][:] = torch.arange(5, dtype=torch.float32)[None, :, None, None]
+        child.k[layer][:] = torch.arange(5, 7, dtype=torch.float32)[None, :, None, None]
+    store.store([1], parent)
+    store.store([0], child, parent=1)
+    assert store.k[1][0, :, 0, 0].tolist() == list(range(7))
+    assert store.k[0][0, :3, 0, 0].tolist() == [4, 5, 6]  # the window's tail: one position from the parent

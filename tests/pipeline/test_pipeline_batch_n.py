@@ -128,6 +128,7 @@ def test_a_shard_commits_a_line_with_all_its_choices_in_order():
 
 
 def test_n_choices_share_one_prefill_and_sample_apart(tiny_model_dir, tmp_path):
+    from ossbatch.engine.generate import MIN_ROOT_TOKENS
     from ossbatch.pipeline.config import Job, JobOptions
     from ossbatch.pipeline.driver import job_spec
     from ossbatch.pipeline.infer import ShardInferencer
@@ -149,8 +150,13 @@ def test_n_choices_share_one_prefill_and_sample_apart(tiny_model_dir, tmp_path):
         # ... prefilled once: every choice reads all but its last prompt token from the shared prefix
         assert all(r["cached_prompt_tokens"] == r["prompt_tokens"] - 1 for r in choices)
         assert len({tuple(r["output_token_ids"]) for r in choices}) > 1  # the choices sample apart
-    # Each line's prompt less its last token is computed once, then each choice computes that last token.
-    assert outputs["out"]["tokens"]["prompt_computed"] == sum(choices[0]["prompt_tokens"] - 1 for choices in by_line.values()) + len(rows)
+    # The two prompts' common harmony header is computed once, then each line's prompt less its last
+    # token past the header, then each choice computes that last token.
+    story, hills = (by_line[line][0]["prompt_token_ids"] for line in ("story", "unseeded"))
+    header = next(i for i, (a, b) in enumerate(zip(story, hills)) if a != b)
+    assert header >= MIN_ROOT_TOKENS
+    computed = header + sum(choices[0]["prompt_tokens"] - 1 - header for choices in by_line.values()) + len(rows)
+    assert outputs["out"]["tokens"]["prompt_computed"] == computed
 
     by_id = parse((tmp_path / "results.jsonl").read_text())
     assert list(by_id) == ["story", "unseeded"]
