@@ -39,10 +39,11 @@ def labeling_requests(rows: int, prefix_tokens: int, item_tokens: tuple[int, int
             for i in range(rows)]
 
 
-def synth_requests(prompts: int, n: int, item_tokens: tuple[int, int]) -> list[dict]:
-    """What `ossbatch synth --n` sends: each prompt n times, each copy its own seed."""
-    return [dict(request, id=f"{request['id']}#{k}", seed=k) for request in labeling_requests(prompts, 200, item_tokens, seed=1)
-            for k in range(n)]
+def synth_requests(prompts: int, n: int, prefix_tokens: int, item_tokens: tuple[int, int]) -> list[dict]:
+    """What `ossbatch synth --n` sends: each prompt (the job's developer message and its own item)
+    n times, each copy its own seed; the prompts share the developer message, the copies all."""
+    return [dict(request, id=f"{request['id']}#{k}", seed=k)
+            for request in labeling_requests(prompts, prefix_tokens, item_tokens, seed=1) for k in range(n)]
 
 
 def unique_tokens(prompts: list[list[int]]) -> int:
@@ -81,7 +82,7 @@ def main():
     parser.add_argument("--item-tokens", type=int, nargs=2, default=(50, 300))
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--n", type=int, default=8, help="samples per prompt in the synth case")
-    parser.add_argument("--n-prompts", type=int, default=32, help="prompts in the synth case")
+    parser.add_argument("--n-prompts", type=int, help="prompts in the synth case (default: rows / n, as many rows as labeling)")
     parser.add_argument("--batch-tokens", type=int, default=1 << 18, help="KV budget of one run (rows x own tokens)")
     parser.add_argument("--max-batch-rows", type=int, default=64)
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main():
                    expert_cache_bytes=1 << 30)
     item = tuple(args.item_tokens)
     rows = report("labeling", labeling_requests(args.rows, args.prefix_tokens, item), dict(options, temperature=0.0))
-    rows += report(f"synth --n {args.n}", synth_requests(args.n_prompts, args.n, item), dict(options, temperature=1.0))
+    rows += report(f"synth --n {args.n}", synth_requests(args.n_prompts or max(1, args.rows // args.n), args.n, args.prefix_tokens, item), dict(options, temperature=1.0))
     print(f"float32, torch backend, {args.new_tokens} new tokens per row, batch tokens {args.batch_tokens}, "
           f"at most {args.max_batch_rows} rows a run; float32 matmul peak in this run: {matmul_peak_gflops():.0f} GFLOP/s (IEEE)")
     print(table(["job", "prefixes", "rows", "prompt tokens", "unique", "computed", "computed/unique", "KV held", "wall s",

@@ -5,6 +5,8 @@ engine prefills and stores the prefix once."""
 
 from dataclasses import dataclass
 
+from ossbatch.engine.generate import MIN_ROOT_TOKENS
+
 
 def pack_batches(
     prompt_lengths: list[int],
@@ -59,7 +61,9 @@ def group_shared_prefixes(prompts: list[list[int]], min_tokens: int = 16) -> lis
     longest-common-prefix (LCP) of neighbours in it. A range either shares that prefix as one
     group (saving (rows - 1) x prefix tokens) or splits where its least LCP falls, each part
     choosing in turn: a job-wide system header of 100 tokens does not swallow two developer
-    messages of 1,500 tokens each. A row shares at most its prompt less one token (the engine
+    messages of 1,500 tokens each. Split groups still share their range's prefix, as the engine
+    prefills the common root of a run's prefixes once: n samples of each prompt below a job-wide
+    developer message group by prompt, and the message is computed once. A row shares at most its prompt less one token (the engine
     computes each row's last prompt token); prefixes under `min_tokens` are not worth sharing.
     Groups come in sorted-prompt order; rows sharing nothing come last, as one group of length 0.
     """
@@ -102,6 +106,9 @@ def _best_ranges(order: list[int], lcp: list[int], prompts: list[list[int]], min
             continue
         whole = (end - start - 1) * length if length >= min_tokens else 0
         split = sum(best[p][0] for p in parts) if cuts else 0
+        groups = sum(len(best[p][1]) for p in parts) if cuts else 0
+        if groups > 1 and length >= MIN_ROOT_TOKENS:
+            split += (groups - 1) * length  # the engine prefills the groups' common root once (nested prefixes)
         if cuts and split > whole:
             best[start, end] = (split, [r for p in parts for r in best[p][1]])
         else:

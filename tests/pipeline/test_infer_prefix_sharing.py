@@ -35,9 +35,15 @@ def test_shared_prefixes_give_every_row_its_unshared_tokens(tiny_model_dir):
     by_id = {r["id"]: r for r in shared}
     header = by_id["r0"]["cached_prompt_tokens"]
     assert header > len(DEVELOPER.split()) and all(by_id[f"r{i}"]["cached_prompt_tokens"] == header for i in range(6))
-    # The schema rows' developer message goes on with the schema's section, yet one group of nine
-    # rows behind the header saves more than splitting off three that share a little more.
-    assert all(by_id[f"s{i}"]["cached_prompt_tokens"] == header for i in range(3))
+    # The schema rows' developer message goes on with the schema's section: they form a group of
+    # their own that shares it too, and the two groups' common header is computed once (nested).
+    schema_prefix = by_id["s0"]["cached_prompt_tokens"]
+    assert schema_prefix > header and all(by_id[f"s{i}"]["cached_prompt_tokens"] == schema_prefix for i in range(3))
+    r0, s0 = by_id["r0"]["prompt_token_ids"], by_id["s0"]["prompt_token_ids"]
+    root = next(i for i, (a, b) in enumerate(zip(r0, s0)) if a != b)
+    assert root > len(DEVELOPER.split())
+    own = sum(r["prompt_tokens"] - r["cached_prompt_tokens"] for r in shared)
+    assert stats["prompt_computed"] == root + (header - root) + (schema_prefix - root) + own
     assert by_id["alone"]["cached_prompt_tokens"] == 0
     prompt_tokens = sum(r["prompt_tokens"] for r in shared)
     assert plain_stats["prompt_computed"] == prompt_tokens and plain_stats["kv_bytes_saved"] == 0

@@ -94,6 +94,16 @@ def test_n_samples_share_all_but_the_last_token_and_strangers_share_nothing():
     assert (sorted(groups[-1].rows), groups[-1].length) == ([4, 5], 0)
 
 
+def test_n_samples_below_a_long_header_group_by_prompt():
+    """synth --n: four prompts behind one 300-token developer message, four samples each. One group
+    over the header would save 15 x 300 tokens, four groups by prompt 12 x 339; but the engine
+    prefills the four prompts' common root once, which saves 3 x 300 more: group by prompt."""
+    header = list(range(1000, 1300))
+    prompts = [header + [5000 + 100 * p + i for i in range(40)] for p in range(4) for _ in range(4)]
+    groups = group_shared_prefixes(prompts)
+    assert sorted((sorted(g.rows), g.length) for g in groups) == [(list(range(4 * p, 4 * p + 4)), 339) for p in range(4)]
+
+
 def test_short_common_prefixes_are_not_shared():
     prompts = [[1, 2, 3, 10 + i] + list(range(50, 60)) for i in range(4)]
     assert [(sorted(g.rows), g.length) for g in group_shared_prefixes(prompts, min_tokens=16)] == [([0, 1, 2, 3], 0)]
