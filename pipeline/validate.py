@@ -227,12 +227,12 @@ def schema_problems(record: dict) -> list[str]:
 
 
 def _first_param(record: dict) -> str | None:
-    """The body field (``temperature``, ``messages[0].role``) of the schema's first complaint."""
+    """The body field (``temperature``, ``messages``) of the schema's first complaint, as OpenAI's param."""
     errors = sorted(_validator().iter_errors(record), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         return None
     path = list(errors[0].absolute_path)
-    return field_path(path[1:]) if path[:1] == ["body"] and len(path) > 1 else None
+    return str(path[1]) if path[:1] == ["body"] and len(path) > 1 else None
 
 
 def field_path(parts) -> str:
