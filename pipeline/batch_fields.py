@@ -220,3 +220,7 @@ def fields_markdown() -> str:
         lines.append("")
     lines.append("Any other field fails its line (`unknown_parameter`).")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # README.md's table: python -m ossbatch.pipeline.batch_fields
+    print(fields_markdown())
