@@ -208,3 +208,26 @@ def test_models_and_echoes(batch_run):
     defaults = Response.model_validate(_body(lines, "r-defaults"))  # the job's settings, never null
     assert defaults.model == SERVED and (defaults.max_output_tokens, defaults.temperature, defaults.top_p) == (24, 0, 1)
     assert defaults.reasoning.effort == "medium" and defaults.text.format.type == "text"
+
+
+def test_the_example_batch_files_run_unchanged(tiny_model_dir, tmp_path):
+    """vLLM's run-batch input shape and an OpenAI-style file (examples/batch), as they are; the tiny
+    checkpoint answers to the files' model through --served-model-name (a real 20b does by its shape)."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "batch"
+    output, schema = tmp_path / "out.jsonl", tmp_path / "short.schema.json"
+    # The files ask for up to 1000 tokens: a short reasoning budget and a one-word answer schema end
+    # the random tiny model's rows early (a line's own response_format still wins).
+    schema.write_text(json.dumps({"enum": ["yes", "no"]}))
+    run = ossbatch("run", "--model", tiny_model_dir, "--input", examples / "vllm_run_batch.jsonl",
+                   examples / "openai_batch.jsonl", "--output", output, "--max-reasoning-tokens", "2", "--schema", schema,
+                   "--served-model-name", "openai/gpt-oss-20b", "--orchestrator", "none", "--quiet")
+    assert run.returncode == 0, run.stderr
+    done = [json.loads(text) for text in output.read_text().splitlines()]
+    assert [line["custom_id"] for line in done] == ["request-1", "request-2", "chat-stop", "chat-json", "chat-varied", "resp-1"]
+    for line in done:
+        parse = Response if line["response"]["body"]["object"] == "response" else ChatCompletion
+        assert parse.model_validate(line["response"]["body"]).model == "openai/gpt-oss-20b"
+    (refused,) = [json.loads(text) for text in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert refused["custom_id"] == "resp-refused" and refused["response"]["body"]["error"]["param"] == "previous_response_id"
