@@ -36,10 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 
 import pyarrow.parquet as pq
 
-from ossbatch.pipeline.storage import Storage
+from ossbatch.pipeline.storage import Storage, remove
 from ossbatch.pipeline.validate import ECHO_COLUMN, BATCH_ENDPOINTS, echo_of, is_batch_line, record_id
 
 ERROR_CODE = "request_failed"
@@ -308,8 +309,6 @@ def write_batch_output(output_uri: str, storage: Storage, rows: Iterable[tuple[d
     """Write the Batch output file atomically from (row, created) pairs, in input order (the n
     choice rows of a line fold into one line), its failed lines to ``error_uri`` (also atomically;
     None: into the output too). Returns (lines written to the output, failed lines)."""
-    from contextlib import ExitStack
-
     written = failed = 0
     with ExitStack() as files:
         out = files.enter_context(storage.atomic_open(output_uri, "w"))
@@ -327,6 +326,5 @@ def write_batch_output(output_uri: str, storage: Storage, rows: Iterable[tuple[d
             out.write(text)
             written += 1
     if error_uri is not None and not failed and storage.exists(error_uri):
-        fs, path = storage.filesystem(error_uri)
-        fs.rm(path)  # an earlier job's errors (this job has none)
+        remove(*storage.filesystem(error_uri))  # an earlier job's errors (this job has none)
     return written, failed

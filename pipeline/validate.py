@@ -17,6 +17,7 @@ import jsonschema
 from ossbatch.pipeline.batch_fields import (
     CHAT_ECHO, LOGIT_BIAS_RANGE, MAX_STOP, RESPONSE_ECHO, FieldError, body_error, model_error,
 )
+from ossbatch.pipeline.harmony import TOKENIZER_VOCAB_SIZE as TOKENIZER_VOCAB  # the ids a logit_bias may name
 from ossbatch.pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
 
 __all__ = [
@@ -56,7 +57,6 @@ ECHO_COLUMN = "batch_echo"
 # The echoed body fields of each endpoint (batch_api fills the job's defaults for those absent).
 _ECHOED = {"chat": CHAT_ECHO,
            "responses": ("instructions", "reasoning", "text", "max_output_tokens", "temperature", "top_p", *RESPONSE_ECHO)}
-TOKENIZER_VOCAB = 201088  # o200k_harmony: ids a logit_bias may name (pipeline.harmony.TOKENIZER_VOCAB_SIZE)
 
 @functools.cache
 def load_schema(name: str) -> dict:
