@@ -29,7 +29,7 @@ import torch
 
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
 from ossbatch.engine.model import Transformer
-from ossbatch.engine.sampling import sample
+from ossbatch.engine.sampling import adjust_logits, sample
 from ossbatch.engine.step import Step
 
 
@@ -39,6 +39,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -95,6 +98,11 @@ class RowSettings:
         self.top_p = torch.tensor([p.top_p for p in self.params], dtype=torch.float64)
         self.seeds = torch.tensor([p.seed for p in self.params], dtype=torch.int64)
         self.max_tokens = torch.tensor([p.max_tokens for p in self.params], dtype=torch.int64)
+        self.presence = torch.tensor([p.presence_penalty for p in self.params], dtype=torch.float32)
+        self.frequency = torch.tensor([p.frequency_penalty for p in self.params], dtype=torch.float32)
+        entries = [(row, int(t), float(v)) for row, p in enumerate(self.params) for t, v in p.logit_bias.items()]
+        self.bias = (torch.tensor([e[0] for e in entries], dtype=torch.int64), torch.tensor([e[1] for e in entries], dtype=torch.int64),
+                     torch.tensor([e[2] for e in entries], dtype=torch.float32))
 
 
 class SlotScheduler:
@@ -246,6 +254,7 @@ def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSetti
     (with its logprob under the unmasked distribution) and returns which rows ended."""
     raw = logits  # the model's distribution, before any mask
     log_normalizer = torch.logsumexp(raw, dim=-1) if outputs.logprobs is not None else None
+    logits = adjust_logits(logits, live, settings.presence, settings.frequency, settings.bias, outputs.tokens, outputs.count)
     if constraint is not None:
         logits = masked_buffer[: live.numel()].copy_(logits)
         constraint.apply(logits, live.tolist())

@@ -62,3 +62,43 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cumulative = weights.cumsum(dim=-1)
     target = (u * cumulative[:, -1])[:, None]
     return torch.searchsorted(cumulative, target).flatten().clamp(max=weights.shape[-1] - 1)
+
+
+def adjust_logits(
+    logits: torch.Tensor,  # [M, V], the live rows' logits (left untouched: a copy is returned)
+    rows: torch.Tensor,  # [M] int64, the batch row of each logits row
+    presence: torch.Tensor,  # [B] float32 per batch row
+    frequency: torch.Tensor,  # [B] float32 per batch row
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (batch rows, token ids, values): every row's logit_bias
+    generated: torch.Tensor,  # [B, T] int64, tokens generated so far
+    counts: torch.Tensor,  # [B] int64, how many of them each row has
+) -> torch.Tensor:
+    """OpenAI's logit_bias and presence/frequency penalties, before sampling and masks:
+
+        logit[j] += bias[j] - frequency * c[j] - presence * (c[j] > 0)
+
+    with c[j] the times token j was generated so far by that row. Returns ``logits`` itself
+    when no live row asks for any of them (so the raw distribution is never modified)."""
+    bias_rows, bias_tokens, bias_values = bias
+    penalised = (presence[rows] != 0) | (frequency[rows] != 0)
+    position = torch.full((presence.numel(),), -1, dtype=torch.int64)
+    position[rows] = torch.arange(rows.numel())
+    biased = position[bias_rows] >= 0 if bias_rows.numel() else bias_rows.bool()
+    if not bool(penalised.any()) and not bool(biased.any()):
+        return logits
+    logits = logits.clone()
+    if bool(biased.any()):
+        at = position[bias_rows[biased]].to(logits.device)
+        logits.index_put_((at, bias_tokens[biased].to(logits.device)), bias_values[biased].to(logits.device), accumulate=True)
+    if bool(penalised.any()):
+        which = penalised.nonzero().flatten()
+        batch_rows = rows[which]
+        length = int(counts[batch_rows].max())
+        if length:
+            tokens = generated[batch_rows, :length]
+            valid = torch.arange(length)[None, :] < counts[batch_rows][:, None]
+            seen = torch.zeros(which.numel(), logits.shape[-1], dtype=torch.float32)
+            seen.scatter_add_(1, tokens, valid.float())
+            penalty = seen * frequency[batch_rows, None] + (seen > 0).float() * presence[batch_rows, None]
+            logits[which.to(logits.device)] -= penalty.to(logits.device)
+    return logits

@@ -360,6 +360,11 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
                    help="fsspec options as JSON, flat or keyed by protocol ({\"s3\": {...}}); never written to the "
                         "output (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by a different job")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="a name a Batch line's model may give, besides the checkpoint folder's and gpt-oss-20b/-120b "
+                        "(lines asking for any other model fail); the Batch output's model when a line names none")
+    p.add_argument("--error-output", metavar="PATH",
+                   help="where a Batch (.jsonl) output's failed lines go (default: OUTPUT with .errors.jsonl)")
     p.add_argument("--runner", choices=_choices(runner, "runner"), default=_default(runner, "runner"),
                    help="local: shards run in this process; ray: on Ray actors (needs --orchestrator prefect)")
     p.add_argument("--ray-address", help="a Ray cluster to run on (default: start a local one)")

@@ -18,6 +18,17 @@ them back (`fold_choices`) into one line whose body has ``choices[0..n-1]`` and 
 counts n: the prompt once, completion (and reasoning) tokens summed over the choices, cached tokens
 as the choices report them (the least, should they differ). A line with a failed choice is an
 error line naming the choice, as a request is answered whole or not at all.
+
+Failed lines go to their own file, as OpenAI's Batch writes its error file: ``out.errors.jsonl``
+beside ``out.jsonl`` (`error_output_of`), same line format. A line refused before it ran (a field
+the table in batch_fields refuses or does not know, a wrong model, an invalid value) is answered as
+OpenAI answers an invalid request: ``response.status_code`` 400 and ``body.error`` {message, type,
+param, code}; a line that failed later carries the Batch ``error`` object.
+
+Echoes come from the line's ``batch_echo`` column (validate.ECHO_COLUMN): a Response echoes its
+instructions, reasoning, text, max_output_tokens, temperature and top_p (the job's defaults for
+those the body left out) and the harmless fields given (user, metadata, store, service_tier, ...);
+a chat.completion echoes service_tier.
 """
 
 from __future__ import annotations
@@ -25,13 +36,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 
 import pyarrow.parquet as pq
 
-from ossbatch.pipeline.storage import Storage
-from ossbatch.pipeline.validate import BATCH_ENDPOINTS, is_batch_line, record_id
+from ossbatch.pipeline.storage import Storage, remove
+from ossbatch.pipeline.validate import ECHO_COLUMN, BATCH_ENDPOINTS, echo_of, is_batch_line, record_id
 
 ERROR_CODE = "request_failed"
+INVALID_REQUEST = 400
+ERRORS_SUFFIX = ".errors.jsonl"
 MAX_CHOICES = 128  # OpenAI's limit on n
 CHOICE_COLUMN = "choice_index"
 
@@ -51,9 +65,16 @@ def _message(row: dict) -> dict:
     return message
 
 
+def error_output_of(output: str) -> str:
+    """Where a Batch output's failed lines go by default: ``out.jsonl`` -> ``out.errors.jsonl``."""
+    stem = output[: -len(".jsonl")] if output.lower().endswith(".jsonl") else output
+    return stem + ERRORS_SUFFIX
+
+
 def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_key: str) -> dict:
     """A chat.completion for one row, or for the n choice rows of one line (in choice order)."""
     rows = [rows] if isinstance(rows, dict) else rows
+    echoed = echo_of(rows[0]).get("body") or {}
     prompt = _count(rows[0], "prompt_tokens")  # one prompt, counted once however many choices
     completion = sum(_count(r, "completion_tokens") for r in rows)
     return {
@@ -75,10 +96,29 @@ def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_
             "completion_tokens_details": {"reasoning_tokens": sum(_count(r, "reasoning_tokens") for r in rows)},
         },
         "system_fingerprint": None,
+        "service_tier": echoed.get("service_tier"),
     }
 
 
-def response_body(row: dict, model: str, created: int, job_key: str) -> dict:
+def _response_echo(row: dict, defaults: dict) -> dict:
+    """What a Response echoes of its request, filled with the job's defaults where the body gave none."""
+    given = echo_of(row).get("body") or {}
+    reasoning = given.get("reasoning") or {}
+    text = given.get("text") or {}
+    return {
+        "instructions": given.get("instructions"),
+        "max_output_tokens": given.get("max_output_tokens", defaults.get("max_tokens")),
+        "temperature": given.get("temperature", defaults.get("temperature")),
+        "top_p": given.get("top_p", defaults.get("top_p")),
+        "reasoning": {"effort": reasoning.get("effort") or defaults.get("reasoning_effort"), "summary": None},
+        "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+        "truncation": "disabled",
+        **{k: given[k] for k in ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                                 "truncation") if k in given},
+    }
+
+
+def response_body(row: dict, model: str, created: int, job_key: str, defaults: dict | None = None) -> dict:
     truncated = row.get("finish_reason") == "length"
     status = "incomplete" if truncated else "completed"
     output = []
@@ -117,10 +157,12 @@ def response_body(row: dict, model: str, created: int, job_key: str) -> dict:
             "output_tokens_details": {"reasoning_tokens": _count(row, "reasoning_tokens")},
             "total_tokens": prompt + completion,
         },
+        **_response_echo(row, defaults or {}),
     }
 
 
-def batch_output_line(rows: dict | list[dict], *, model: str, created: int, job_key: str) -> dict:
+def batch_output_line(rows: dict | list[dict], *, model: str, created: int, job_key: str,
+                      defaults: dict | None = None) -> dict:
     """One Batch output line for one result row, or for the n choice rows of one line (as
     `fold_choices` groups the rows read back from a committed shard)."""
     rows = [rows] if isinstance(rows, dict) else rows
@@ -128,6 +170,13 @@ def batch_output_line(rows: dict | list[dict], *, model: str, created: int, job_
     custom_id = source_id(first)
     line = {"id": f"batch_req_{_token(job_key, custom_id)}", "custom_id": custom_id}
     failed = next((r for r in rows if r.get("status") == "error"), None)
+    refusal = echo_of(failed).get("error") if failed is not None else None
+    if isinstance(refusal, dict):  # refused before it ran: OpenAI's answer to an invalid request
+        error = {"message": failed.get("error") or "invalid request", "type": "invalid_request_error",
+                 "param": refusal.get("param"), "code": refusal.get("code")}
+        line.update(response={"status_code": INVALID_REQUEST, "request_id": f"req_{_token(job_key, custom_id, 'request')}",
+                              "body": {"error": error}}, error=None)
+        return line
     if failed is not None:
         message = failed.get("error") or "failed"
         if _choice_index(failed) is not None:
@@ -136,7 +185,7 @@ def batch_output_line(rows: dict | list[dict], *, model: str, created: int, job_
         return line
     model = first.get("model") or model
     if first.get("request_kind") == "responses":
-        body = response_body(first, model, created, job_key)
+        body = response_body(first, model, created, job_key, defaults)
     else:
         body = chat_completion_body(rows, model, created, job_key)
     line["response"] = {
@@ -238,7 +287,7 @@ def count_lines(results: list[dict]) -> int:
 BATCH_COLUMNS = [
     "id", "status", "finish_reason", "output_text", "reasoning_text", "error", "prompt_tokens",
     "reasoning_tokens", "output_tokens", "completion_tokens", "request_kind", "model", "cached_prompt_tokens",
-    CHOICE_COLUMN,
+    CHOICE_COLUMN, ECHO_COLUMN,
 ]
 
 
@@ -251,14 +300,31 @@ def iter_part_rows(fs, path: str) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def write_batch_output(output_uri: str, storage: Storage, rows: Iterable[tuple[dict, int]],
-                       *, model: str, job_key: str) -> int:
+def is_failed(line: dict) -> bool:
+    return line.get("error") is not None or (line.get("response") or {}).get("status_code") != 200
+
+
+def write_batch_output(output_uri: str, storage: Storage, rows: Iterable[tuple[dict, int]], *, model: str,
+                       job_key: str, error_uri: str | None = None, defaults: dict | None = None) -> tuple[int, int]:
     """Write the Batch output file atomically from (row, created) pairs, in input order (the n
-    choice rows of a line fold into one line); returns the line count."""
-    count = 0
-    with storage.atomic_open(output_uri, "w") as out:
+    choice rows of a line fold into one line), its failed lines to ``error_uri`` (also atomically;
+    None: into the output too). Returns (lines written to the output, failed lines)."""
+    written = failed = 0
+    with ExitStack() as files:
+        out = files.enter_context(storage.atomic_open(output_uri, "w"))
+        errors = None
         for line_rows, created in fold_choices(rows):
-            line = batch_output_line(line_rows, model=model, created=created, job_key=job_key)
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+            line = batch_output_line(line_rows, model=model, created=created, job_key=job_key, defaults=defaults)
+            text = json.dumps(line, ensure_ascii=False) + "\n"
+            if error_uri is not None and is_failed(line):
+                if errors is None:  # the error file exists only when a line failed, as OpenAI's
+                    errors = files.enter_context(storage.atomic_open(error_uri, "w"))
+                errors.write(text)
+                failed += 1
+                continue
+            failed += is_failed(line)
+            out.write(text)
+            written += 1
+    if error_uri is not None and not failed and storage.exists(error_uri):
+        remove(*storage.filesystem(error_uri))  # an earlier job's errors (this job has none)
+    return written, failed

@@ -89,6 +89,9 @@ class PipelineOptions(_Settings):
     max_batch_rows: int = Field(256, ge=1)
     prefix_sharing: bool = True  # rows sharing a prompt prefix prefill and store it once (--no-prefix-sharing)
     overwrite: bool = False
+    # Another name a Batch line's "model" may give besides the checkpoint folder's and its family's.
+    served_model_name: str | None = Field(None, min_length=1)
+    error_output: str | None = Field(None, min_length=1)  # a Batch output's failed lines (default: OUTPUT.errors.jsonl)
     storage: Storage = LOCAL  # credentials: shown as ********** in Prefect, never written to the output
 
 
@@ -151,7 +154,10 @@ class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions,
         sampling setting is; other settings are when named in OUTPUT_SETTINGS. (Keys as earlier
         versions wrote them, so their outputs still resume.)"""
         names = [*SamplingOptions.model_fields, *OUTPUT_SETTINGS]
-        return {IDENTITY_KEYS.get(name, name): getattr(self, name) for name in names}
+        identity = {IDENTITY_KEYS.get(name, name): getattr(self, name) for name in names}
+        if self.served_model_name is not None:  # only when given: earlier outputs keep their identity
+            identity["served_model_name"] = self.served_model_name
+        return identity
 
 
 class Job(_Settings):

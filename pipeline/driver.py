@@ -43,6 +43,7 @@ def job_spec(job: Job) -> JobSpec:
         storage=job.storage,
         shard_rows=job.options.shard_rows,
         overwrite=job.options.overwrite,
+        error_output=job.options.error_output,
         model_fingerprint=checkpoint_fingerprint(job.model) | {"config": config.to_hf_json()},
         settings=job.options.identity(),
     )

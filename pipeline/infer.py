@@ -22,6 +22,7 @@ from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
+from ossbatch.pipeline.stops import StopStrings, cut_at_stop
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,6 +56,7 @@ class _Prepared:
     params: SamplingParams
     grammar: object | None
     schema: str | None
+    stop: list[str] | None = None  # OpenAI's stop strings, on the final answer (pipeline.stops)
 
 
 class ShardInferencer:
@@ -206,8 +208,11 @@ class ShardInferencer:
             temperature=float(_first(request.get("temperature"), s.temperature)),
             top_p=float(_first(request.get("top_p"), s.top_p)),
             seed=int(seed) if seed is not None else row_seed(s.seed, request["id"]),
+            presence_penalty=float(request.get("presence_penalty") or 0.0),
+            frequency_penalty=float(request.get("frequency_penalty") or 0.0),
+            logit_bias=_logit_bias(request.get("logit_bias"), self.model.config.vocab_size),
         )
-        return _Prepared(index, prompt, params, grammar, schema)
+        return _Prepared(index, prompt, params, grammar, schema, request.get("stop") or None)
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
         parsed = parse_completion(completion.token_ids, completion.finish_reason)
@@ -223,12 +228,15 @@ class ShardInferencer:
             "output_tokens": parsed.output_tokens,
             "completion_tokens": len(completion.token_ids),
         }
+        answer = cut_at_stop(parsed.output_text, row.stop)
+        if answer is not None and parsed.status != "error":  # a stop string ends the answer, as OpenAI's stop
+            result |= {"output_text": answer, "status": "ok", "finish_reason": "stop"}
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
         if row.schema is not None:
             from ossbatch.pipeline.answer import answer_fields
 
-            result |= answer_fields(parsed.output_text or "", row.schema)
+            result |= answer_fields(result["output_text"] or "", row.schema)
         if self.settings.keep_token_ids:
             result["prompt_token_ids"] = row.prompt
             result["output_token_ids"] = completion.token_ids
@@ -264,11 +272,22 @@ def _slot_cap(width: int, batch_tokens: int, max_rows: int) -> int:
 
 
 def _batch_constraint(rows: list[_Prepared], vocab_size: int):
-    if all(r.grammar is None for r in rows):
-        return None
-    from ossbatch.pipeline.masks import BatchConstraint
+    inner = None
+    if any(r.grammar is not None for r in rows):
+        from ossbatch.pipeline.masks import BatchConstraint
 
-    return BatchConstraint([r.grammar for r in rows], vocab_size)
+        inner = BatchConstraint([r.grammar for r in rows], vocab_size)
+    if any(r.stop for r in rows):
+        return StopStrings([r.stop for r in rows], inner)
+    return inner
+
+
+def _logit_bias(bias: dict | None, vocab_size: int) -> dict[int, float]:
+    """A row's logit_bias (validated as o200k_harmony ids), refused past the model's vocabulary."""
+    for token in bias or {}:
+        if not 0 <= int(token) < vocab_size:
+            raise ValueError(f"logit_bias: token id {token} is outside the model's vocabulary ({vocab_size})")
+    return {int(t): float(v) for t, v in (bias or {}).items()}
 
 
 def _describe(err: BaseException) -> str:

@@ -36,7 +36,9 @@ import jsonschema
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ossbatch.pipeline.batch_api import CHOICE_COLUMN, choices_of, count_lines, iter_part_rows, planned_ids, write_batch_output
+from ossbatch.pipeline.batch_api import (
+    CHOICE_COLUMN, choices_of, count_lines, error_output_of, iter_part_rows, planned_ids, write_batch_output,
+)
 from ossbatch.pipeline.lease import (
     DEFAULT_TTL_SECONDS, Lease, LeaseHeld, LeaseLost, acquire, check_held, current_holder, is_lease_file,
 )
@@ -47,7 +49,8 @@ from ossbatch.pipeline.storage import (
     LOCAL, LOCAL_PROTOCOLS, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
     protocol_of, read_json, remove, storage_error, write_json_atomic,
 )
-from ossbatch.pipeline.validate import BATCH_FIELDS, PLAIN_FIELDS, load_schema, passthrough_of
+from ossbatch.pipeline.batch_fields import served_names
+from ossbatch.pipeline.validate import BATCH_FIELDS, ECHO_COLUMN, PLAIN_FIELDS, load_schema, passthrough_of
 from ossbatch.pipeline.write import (
     PassthroughTypes, STATUSES, decode_schema, encode_schema, results_table, shard_summary,
     write_parquet_atomic,
@@ -82,6 +85,7 @@ class JobSpec:
     overwrite: bool = False
     model_fingerprint: dict = field(default_factory=dict)  # {"path", "content_hash", "config"}
     settings: dict = field(default_factory=dict)  # whatever changes outputs: part of the job identity
+    error_output: str | None = None  # a Batch output's failed lines (default: error_output_of(output))
 
 
 @dataclass
@@ -103,6 +107,7 @@ class JobPlan:
     already_committed: list[int]  # shards committed before this plan was made (a resume)
     planned_at: str
     lease: dict = field(default_factory=dict)  # {"generation", "token"} of the lease the plan holds the output by
+    error_output: str | None = None  # where a Batch output's failed lines go; None: error_output_of(output)
 
     @property
     def num_shards(self) -> int:
@@ -257,7 +262,7 @@ def _scan_parquet(file: InputFile, index: int, storage: Storage, builder, ids, t
         with_choices = batch_form and pa.types.is_struct(body_type) and body_type.get_field_index("n") >= 0
         if batch_form:
             types.observe_arrow(schema, [c for c in names if c not in BATCH_FIELDS])
-            types.observe_values({"model": ""})
+            types.observe_values({"model": "", ECHO_COLUMN: ""})
             if with_choices:
                 types.observe_values({CHOICE_COLUMN: 0})
         else:
@@ -476,6 +481,7 @@ def _plan_under_lease(spec: JobSpec, inputs: list[str], output_format: str, work
         already_committed=[],
         planned_at=_now(),
         lease={"generation": lease.generation, "token": lease.holder.token},
+        error_output=spec.error_output,
     )
     _held_for[_lease_key(*plan.work_fs())] = weakref.ref(plan)
     _claim_output(plan, spec.overwrite)
@@ -552,7 +558,14 @@ def load_plan(output: str, storage: Storage = LOCAL) -> JobPlan:
 def read_shard(plan: JobPlan, shard_index: int) -> list[dict]:
     """The normalized, validated requests of one shard, in input order."""
     ranges = plan.shards[shard_index]["ranges"]
-    return list(read_ranges(plan.input_files(), ranges, plan.storage))
+    return list(read_ranges(plan.input_files(), ranges, plan.storage, model_names(plan)))
+
+
+def model_names(plan: JobPlan) -> frozenset[str] | None:
+    """The names a Batch line's ``model`` may give (None for a plan without a model, as in tests)."""
+    if not plan.model.get("path") and not plan.model.get("config"):
+        return None
+    return served_names(plan.model.get("path"), plan.model.get("config"), plan.settings.get("served_model_name"))
 
 
 def _marker_path(work: str, shard_index: int) -> str:
@@ -673,8 +686,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
     tokens = {k: sum(m["tokens"].get(k, 0) for m in ordered) for k in TOKEN_KEYS}  # .get: shards committed before a key existed
     this_run = [m for m in ordered if m["shard"] not in set(plan.already_committed)]
     engine_seconds = sum(m["engine_seconds"] for m in ordered)
-    if plan.output_format == "batch_jsonl":
-        _write_batch_file(plan, ordered)
+    batch_file = _write_batch_file(plan, ordered) if plan.output_format == "batch_jsonl" else None
     _remove_stale_temps(fs, work)
     manifest = {
         "format": "ossbatch.manifest/1",
@@ -691,6 +703,7 @@ def finalize_job(plan: JobPlan, wall_seconds: float) -> dict:
             "format": plan.output_format,
             "work_dir": plan.work_dir,
             "parts": parts,
+            **({"batch_file": batch_file} if batch_file else {}),
         },
         "model": plan.model,
         "settings": plan.settings,
@@ -725,9 +738,15 @@ def _rate(tokens: int, seconds: float) -> float:
     return round(tokens / seconds, 3) if seconds and seconds > 0 else 0.0
 
 
-def _write_batch_file(plan: JobPlan, markers: list[dict]) -> None:
+def batch_error_output(plan: JobPlan) -> str:
+    return plan.error_output or error_output_of(plan.output)
+
+
+def _write_batch_file(plan: JobPlan, markers: list[dict]) -> dict:
+    """The Batch output file and its error file; returns their line counts for the manifest."""
     fs, work = plan.work_fs()
-    default_model = plan.model.get("name") or os.path.basename(str(plan.model.get("path") or "")) or "gpt-oss"
+    default_model = (plan.settings.get("served_model_name") or plan.model.get("name")
+                     or os.path.basename(str(plan.model.get("path") or "")) or "gpt-oss")
 
     def rows():
         for marker in markers:
@@ -735,7 +754,10 @@ def _write_batch_file(plan: JobPlan, markers: list[dict]) -> None:
             for row in iter_part_rows(fs, join(work, marker["part"])):
                 yield row, created
 
-    write_batch_output(plan.output, plan.storage, rows(), model=default_model, job_key=plan.job_key)
+    errors = batch_error_output(plan)
+    succeeded, failed = write_batch_output(plan.output, plan.storage, rows(), model=default_model, job_key=plan.job_key,
+                                           error_uri=errors, defaults=plan.settings)
+    return {"lines": succeeded, "error_lines": failed, "error_uri": errors if failed else None}
 
 
 def manifest_path(fs, work: str) -> str | None:

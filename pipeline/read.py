@@ -206,24 +206,28 @@ def where_of(file: InputFile, number: int) -> str:
     return f"{file.uri} {'row' if file.format == 'parquet' else 'line'} {number}"
 
 
-def requests_from(file: InputFile, records: Iterable[tuple[int, dict | BadLine]]) -> Iterator[dict]:
+def requests_from(file: InputFile, records: Iterable[tuple[int, dict | BadLine]],
+                  models: frozenset[str] | None = None) -> Iterator[dict]:
     """Normalized requests; ids of rows that have none are "label:line". A Batch line with
-    ``n`` choices gives n requests (see batch_api.expand_choices)."""
+    ``n`` choices gives n requests (see batch_api.expand_choices); one asking for a model not
+    in ``models`` (the job's names) fails."""
     for number, record in records:
         fallback = f"{file.label}:{number}"
         if isinstance(record, BadLine):
             yield error_request(fallback, record.message)
         else:
-            yield from expand_choices(record, normalize(record, fallback_id=fallback, where=where_of(file, number)))
+            yield from expand_choices(record, normalize(record, fallback_id=fallback, where=where_of(file, number),
+                                                        models=models))
 
 
-def read_ranges(files: list[InputFile], ranges: list[dict], storage: Storage = LOCAL) -> Iterator[dict]:
+def read_ranges(files: list[InputFile], ranges: list[dict], storage: Storage = LOCAL,
+                models: frozenset[str] | None = None) -> Iterator[dict]:
     """Requests of the given ranges; drain it before the next call (see ``resume_stream``)."""
     for r in ranges:
         file = files[r["file"]]
         records = iter_records(file, r["start"], r["stop"], offset=r.get("offset"), line=r.get("line"),
                                storage=storage, resume_stream=True)
-        yield from requests_from(file, records)
+        yield from requests_from(file, records, models)
 
 
 def read_requests(inputs: list[str] | str, storage: Storage = LOCAL) -> Iterator[dict]:

@@ -14,9 +14,14 @@ import math
 
 import jsonschema
 
+from ossbatch.pipeline.batch_fields import (
+    CHAT_ECHO, LOGIT_BIAS_RANGE, MAX_STOP, RESPONSE_ECHO, FieldError, body_error, model_error,
+)
+from ossbatch.pipeline.harmony import TOKENIZER_VOCAB_SIZE as TOKENIZER_VOCAB  # the ids a logit_bias may name
 from ossbatch.pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
 
 __all__ = [
+    "ECHO_COLUMN",
     "InputError",
     "REQUEST_KEYS",
     "error_request",
@@ -29,12 +34,13 @@ __all__ = [
 
 REQUEST_KEYS = (
     "id", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature", "top_p",
-    "seed", "max_reasoning_tokens", "schema", "request_kind", "passthrough", "error",
+    "seed", "max_reasoning_tokens", "schema", "stop", "logit_bias", "presence_penalty", "frequency_penalty",
+    "request_kind", "passthrough", "error",
 )
 # Columns a plain row consumes; every other column is passed through to the output.
 PLAIN_FIELDS = frozenset({
     "id", "prompt", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature",
-    "top_p", "seed", "max_reasoning_tokens", "schema",
+    "top_p", "seed", "max_reasoning_tokens", "schema", "stop", "logit_bias", "presence_penalty", "frequency_penalty",
 })
 BATCH_FIELDS = frozenset({"id", "custom_id", "method", "url", "body"})
 BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/responses": "responses"}
@@ -45,6 +51,12 @@ MAX_ERRORS_PER_ROW = 3
 # Deeper rows are refused: Python's recursive JSON and JSON Schema code (json, jsonschema) hits
 # its recursion limit near 100 schema levels or 1000 value levels, far past any real row.
 MAX_NESTING = 64
+# A Batch line's passthrough column (JSON text) with what its output echoes: the body's echoed
+# fields and, for a line refused before it ran, OpenAI's error code and param (batch_api reads it).
+ECHO_COLUMN = "batch_echo"
+# The echoed body fields of each endpoint (batch_api fills the job's defaults for those absent).
+_ECHOED = {"chat": CHAT_ECHO,
+           "responses": ("instructions", "reasoning", "text", "max_output_tokens", "temperature", "top_p", *RESPONSE_ECHO)}
 
 @functools.cache
 def load_schema(name: str) -> dict:
@@ -65,6 +77,10 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 class RowError(ValueError):
     """A field that passed the schema but cannot be used; the message starts with the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def is_batch_line(record: dict) -> bool:
@@ -115,8 +131,28 @@ def passthrough_of(record: dict) -> dict:
         body = record.get("body")
         if isinstance(body, dict) and body.get("model") is not None:
             extra.setdefault("model", body["model"])
+        extra[ECHO_COLUMN] = echo_text(body if isinstance(body, dict) else {},
+                                       BATCH_ENDPOINTS.get(record.get("url"), "chat"))
         return extra
     return {k: v for k, v in record.items() if k not in PLAIN_FIELDS}
+
+
+def echo_text(body: dict, kind: str, error: FieldError | None = None) -> str:
+    """The echo column's JSON text: the body's echoed fields (and a refusal's code and param)."""
+    echo = {"kind": kind, "body": {k: body[k] for k in _ECHOED[kind] if body.get(k) is not None}}
+    if error is not None:
+        echo["error"] = {"code": error.code, "param": error.param}
+    return json.dumps(echo, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def echo_of(row: dict) -> dict:
+    """A result row's echo (its passthrough column, or its passthrough before commit); {} if none."""
+    text = row.get(ECHO_COLUMN, (row.get("passthrough") or {}).get(ECHO_COLUMN))
+    try:
+        echo = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        echo = None
+    return echo if isinstance(echo, dict) else {}
 
 
 def error_request(request_id: str, message: str, request_kind: str = "row", passthrough: dict | None = None) -> dict:
@@ -125,13 +161,24 @@ def error_request(request_id: str, message: str, request_kind: str = "row", pass
     return request
 
 
-def normalize(record: dict, *, fallback_id: str, where: str) -> dict:
-    """One record as a request; ``where`` ("file line 7") prefixes any error message."""
+def _refused(request_id: str, where: str, kind: str, passthrough: dict, body, error: FieldError) -> dict:
+    """An error request for a Batch line refused as OpenAI would refuse the request (400)."""
+    passthrough = dict(passthrough)
+    if ECHO_COLUMN in passthrough:
+        passthrough[ECHO_COLUMN] = echo_text(body if isinstance(body, dict) else {}, kind, error)
+    return error_request(request_id, f"{where}: {error.message}", kind, passthrough)
+
+
+def normalize(record: dict, *, fallback_id: str, where: str, models: frozenset[str] | None = None) -> dict:
+    """One record as a request; ``where`` ("file line 7") prefixes any error message. ``models``:
+    the names the job's model answers to; a Batch line asking for another fails (None: no check)."""
     batch = is_batch_line(record)
     request_id = record_id(record, fallback_id)
     kind = BATCH_ENDPOINTS.get(record.get("url"), "chat") if batch else "row"
     passthrough = passthrough_of(record)
     present = {k: v for k, v in record.items() if v is not None}  # null columns count as absent
+    if batch and isinstance(present.get("body"), dict):  # so do a body's null fields (a Parquet struct has them all)
+        present["body"] = {k: v for k, v in present["body"].items() if v is not None}
     deep = [k for k, v in present.items() if nesting_depth_exceeds(v, MAX_NESTING - 1)]
     if deep:
         return error_request(request_id, f"{where}: {deep[0]}: nested more than {MAX_NESTING} levels deep",
@@ -140,8 +187,16 @@ def normalize(record: dict, *, fallback_id: str, where: str) -> dict:
         problems = schema_problems(present)
     except RecursionError:
         problems = [f"row: nested too deeply to check (more than {MAX_NESTING} levels)"]
+    body = present.get("body")
+    if batch and isinstance(body, dict) and record.get("url") in BATCH_ENDPOINTS:
+        refusal = body_error(body, kind) or model_error(body.get("model"), models)
+        if refusal is not None:
+            return _refused(request_id, where, kind, passthrough, body, refusal)
     if problems:
-        return error_request(request_id, f"{where}: {'; '.join(problems)}", kind, passthrough)
+        if not batch:
+            return error_request(request_id, f"{where}: {'; '.join(problems)}", kind, passthrough)
+        error = FieldError("invalid_value", _first_param(present), "; ".join(problems))
+        return _refused(request_id, where, kind, passthrough, body, error)
     try:
         if not batch:
             fields = _from_row(present)
@@ -150,7 +205,9 @@ def normalize(record: dict, *, fallback_id: str, where: str) -> dict:
         else:
             fields = _from_responses(present["body"])
     except RowError as err:
-        return error_request(request_id, f"{where}: {err}", kind, passthrough)
+        if not batch:
+            return error_request(request_id, f"{where}: {err}", kind, passthrough)
+        return _refused(request_id, where, kind, passthrough, body, FieldError("invalid_value", err.param, str(err)))
     request = dict.fromkeys(REQUEST_KEYS)
     request.update(fields, id=request_id, request_kind=kind, passthrough=passthrough, error=None)
     return request
@@ -167,6 +224,15 @@ def schema_problems(record: dict) -> list[str]:
     if len(messages) > MAX_ERRORS_PER_ROW:
         messages = messages[:MAX_ERRORS_PER_ROW] + [f"and {len(messages) - MAX_ERRORS_PER_ROW} more"]
     return messages
+
+
+def _first_param(record: dict) -> str | None:
+    """The body field (``temperature``, ``messages``) of the schema's first complaint, as OpenAI's param."""
+    errors = sorted(_validator().iter_errors(record), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return None
+    path = list(errors[0].absolute_path)
+    return str(path[1]) if path[:1] == ["body"] and len(path) > 1 else None
 
 
 def field_path(parts) -> str:
@@ -334,18 +400,49 @@ def _finite(source: dict, name: str, bounds: str) -> float | None:
         return None
     value = float(source[name])
     if not math.isfinite(value):  # NaN passes every bound check of the schema
-        raise RowError(f"{name}: must be a number {bounds}, got {value}")
+        raise RowError(f"{name}: must be a number {bounds}, got {value}", name)
     return value
 
 
-def _sampling(source: dict, max_tokens_keys: tuple[str, ...]) -> dict:
+def _sampling(source: dict, max_tokens_keys: tuple[str, ...], prefix: str = "") -> dict:
     max_tokens = next((source[k] for k in max_tokens_keys if source.get(k) is not None), None)
+    source = {k: v for k, v in source.items() if v is not None}
     return {
         "max_tokens": int(max_tokens) if max_tokens is not None else None,
         "temperature": _finite(source, "temperature", "from 0 to 2"),
         "top_p": _finite(source, "top_p", "in (0, 1]"),
         "seed": int(source["seed"]) if "seed" in source else None,
+        "presence_penalty": _finite(source, "presence_penalty", "from -2 to 2"),
+        "frequency_penalty": _finite(source, "frequency_penalty", "from -2 to 2"),
+        "stop": _stop(source.get("stop"), prefix + "stop"),
+        "logit_bias": _logit_bias(source.get("logit_bias"), prefix + "logit_bias"),
     }
+
+
+def _stop(value, where: str) -> list[str] | None:
+    """OpenAI's stop: a string or up to MAX_STOP strings (the schema checks the types)."""
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else list(value)
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise RowError(f"{where}: up to {MAX_STOP} non-empty strings, got {_show(value)}", "stop")
+    return stops or None
+
+
+def _logit_bias(value, where: str) -> dict[int, float] | None:
+    """{token id: bias}: ids of o200k_harmony (JSON keys are strings), biases -100..100."""
+    if not value:
+        return None
+    low, high = LOGIT_BIAS_RANGE
+    bias = {}
+    for key, amount in value.items():
+        token = str(key).strip()
+        if not token.isdigit() or int(token) >= TOKENIZER_VOCAB:
+            raise RowError(f"{where}: {key!r} is not a token id of o200k_harmony (0 to {TOKENIZER_VOCAB - 1})", "logit_bias")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not low <= amount <= high:
+            raise RowError(f"{where}.{token}: must be a number from {low} to {high}, got {_show(amount)}", "logit_bias")
+        bias[int(token)] = float(amount)
+    return bias
 
 
 def _from_row(row: dict) -> dict:
@@ -381,7 +478,7 @@ def _from_chat(body: dict) -> dict:
         "reasoning_effort": body.get("reasoning_effort"),
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.response_format.json_schema.schema", schema),
-        **_sampling(body, ("max_completion_tokens", "max_tokens")),
+        **_sampling(body, ("max_completion_tokens", "max_tokens"), "body."),
     }
 
 
@@ -398,5 +495,5 @@ def _from_responses(body: dict) -> dict:
         "reasoning_effort": (body.get("reasoning") or {}).get("effort"),
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.text.format.schema", (fmt or {}).get("schema")),
-        **_sampling(body, ("max_output_tokens",)),
+        **_sampling(body, ("max_output_tokens",), "body."),
     }

@@ -66,31 +66,48 @@ def check_output(by_id: dict, source_name: str) -> None:
     short = Response.model_validate(by_id["resp-short"]["response"]["body"])
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
 
-    for failed, field in (("bad-effort", "body.reasoning_effort"), (f"{source_name}:6", "not valid JSON")):
-        line = by_id[failed]
-        assert line["response"] is None
-        error = BatchError.model_validate(line["error"])
-        assert field in error.message
+    # refused as OpenAI refuses an invalid request: a 400 naming the field
+    refused = by_id["bad-effort"]
+    assert refused["error"] is None and refused["response"]["status_code"] == 400
+    error = refused["response"]["body"]["error"]
+    assert "body.reasoning_effort" in error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value", "reasoning_effort")
+    line = by_id[f"{source_name}:6"]  # not a request at all: the Batch error object
+    assert line["response"] is None
+    assert "not valid JSON" in BatchError.model_validate(line["error"]).message
+
+
+def check_split(output_text: str, errors_text: str) -> None:
+    """Successes in the output file, failures in the error file, as OpenAI's Batch writes them."""
+    assert {json.loads(line)["custom_id"] for line in output_text.splitlines()} == {"chat-1", "chat-short", "resp-1", "resp-short"}
+    assert all(json.loads(line)["response"] and json.loads(line)["response"]["status_code"] == 200
+               for line in output_text.splitlines())
+    assert len(errors_text.splitlines()) == 2
 
 
 def test_batch_file_in_batch_file_out(tmp_path):
     inputs = write_jsonl(tmp_path / "batch.jsonl", batch_lines())
     output = tmp_path / "results.jsonl"
     manifest = run_job(JobSpec(inputs=inputs, output=str(output), shard_rows=4), FakeEngine())
-    check_output(parse_output(output.read_text()), "batch.jsonl")
+    errors = tmp_path / "results.errors.jsonl"
+    check_output(parse_output(output.read_text() + errors.read_text()), "batch.jsonl")
+    check_split(output.read_text(), errors.read_text())
+    assert manifest["output"]["batch_file"] == {"lines": 4, "error_lines": 2, "error_uri": str(errors)}
     assert manifest["output"]["format"] == "batch_jsonl"
     assert (tmp_path / "results.jsonl.parts" / "_manifest.json").exists()
     assert manifest["rows"] == {"total": 6, "ok": 2, "length": 2, "error": 2}
 
-    first = output.read_bytes()
+    first = output.read_bytes(), errors.read_bytes()
     finalize_job(load_plan(str(output)), 1.0)
-    assert output.read_bytes() == first  # ids derive from the job and custom_id: finalizing again changes nothing
+    assert (output.read_bytes(), errors.read_bytes()) == first  # ids derive from the job and custom_id: finalizing again changes nothing
 
 
 def test_batch_file_on_s3(s3):
     inputs = s3.put("batches/in.jsonl", jsonl_bytes(batch_lines()))
     run_job(JobSpec(inputs=inputs, output=s3.uri("batches/out.jsonl"), shard_rows=2), FakeEngine())
-    check_output(parse_output(s3.fs.cat(f"{s3.bucket}/batches/out.jsonl").decode()), "in.jsonl")
+    text, errors = (s3.fs.cat(f"{s3.bucket}/batches/{name}").decode() for name in ("out.jsonl", "out.errors.jsonl"))
+    check_output(parse_output(text + errors), "in.jsonl")
+    check_split(text, errors)
     assert s3.fs.exists(f"{s3.bucket}/batches/out.jsonl.parts/_manifest.json")
 
 

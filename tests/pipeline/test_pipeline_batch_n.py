@@ -49,9 +49,9 @@ def test_n_choices_come_back_as_one_line(tmp_path):
     manifest = run_job(JobSpec(inputs=inputs, output=str(output), shard_rows=2), engine)
 
     assert engine.ids_seen == ["three#0", "three#1", "three#2", "single", "two-unseeded#0", "two-unseeded#1", "one", "bad"]
-    text = output.read_text()
-    assert len(text.splitlines()) == 5  # one output line per input line
-    by_id = parse(text)
+    text, errors = output.read_text(), (tmp_path / "results.errors.jsonl").read_text()
+    assert len(text.splitlines()) == 4 and len(errors.splitlines()) == 1  # one line per input line, failed ones apart
+    by_id = parse(text + errors)
     assert list(by_id) == ["three", "single", "two-unseeded", "one", "bad"]
 
     three = ChatCompletion.model_validate(by_id["three"]["response"]["body"])
@@ -70,7 +70,8 @@ def test_n_choices_come_back_as_one_line(tmp_path):
     assert len(ChatCompletion.model_validate(by_id["two-unseeded"]["response"]["body"]).choices) == 2
 
     bad = by_id["bad"]  # a line that fails validation stays one error line, however many choices it asked for
-    assert bad["response"] is None and "body.reasoning_effort" in BatchError.model_validate(bad["error"]).message
+    assert bad["error"] is None and bad["response"]["status_code"] == 400
+    assert "body.reasoning_effort" in bad["response"]["body"]["error"]["message"]
     assert manifest["rows"]["total"] == 8  # result rows: a line's choices are rows of their own
 
 
@@ -139,7 +140,8 @@ def test_n_choices_share_one_prefill_and_sample_apart(tiny_model_dir, tmp_path):
     outputs = {}
     for name in ("out", "results.jsonl"):
         job = Job(model=str(tiny_model_dir), inputs=[inputs], output=str(tmp_path / name),
-                  options=JobOptions(temperature=1.0, max_tokens=4, keep_token_ids=True))
+                  options=JobOptions(temperature=1.0, max_tokens=4, keep_token_ids=True,
+                                     served_model_name="gpt-oss-20b"))  # the lines' model: the tiny one serves it
         outputs[name] = run_job(job_spec(job), ShardInferencer(job))
 
     rows = parts(tmp_path / "out")

@@ -26,7 +26,8 @@ def test_jsonl_and_gzip_read_the_same_requests(tmp_path):
     assert first == {
         "id": "r00000", "messages": [{"role": "user", "content": "question number 0"}], "instructions": None,
         "reasoning_effort": None, "max_tokens": None, "temperature": None, "top_p": None, "seed": None,
-        "max_reasoning_tokens": None, "schema": None, "request_kind": "row", "passthrough": {"meta": 0},
+        "max_reasoning_tokens": None, "schema": None, "stop": None, "logit_bias": None, "presence_penalty": None,
+        "frequency_penalty": None, "request_kind": "row", "passthrough": {"meta": 0},
         "error": None,
     }
 

@@ -69,6 +69,7 @@ def test_plain_row_normalization():
         "id": "42", "messages": [{"role": "user", "content": "part one\npart two"}],
         "instructions": "Answer briefly.\n\nYou are terse.", "reasoning_effort": "low", "max_tokens": 64,
         "temperature": 0.0, "top_p": 1.0, "seed": 7, "max_reasoning_tokens": 32, "schema": '{"type":"object"}',
+        "stop": None, "logit_bias": None, "presence_penalty": None, "frequency_penalty": None,
         "request_kind": "row", "passthrough": {"source": "crawl", "custom_id": "kept", "top_k": None}, "error": None,
     }
 
@@ -94,7 +95,8 @@ def test_chat_batch_line():
     assert [m["role"] for m in request["messages"]] == ["user", "assistant", "user"]
     assert (request["max_tokens"], request["reasoning_effort"], request["temperature"], request["top_p"], request["seed"]) == (100, "high", 0.7, 0.9, 1)
     assert json.loads(request["schema"]) == {"type": "object"}
-    assert request["passthrough"] == {"model": "gpt-oss-120b"}
+    # the model it asked for, and what its output echoes (nothing but the endpoint here)
+    assert request["passthrough"] == {"model": "gpt-oss-120b", "batch_echo": '{"body": {}, "kind": "chat"}'}
 
 
 def test_responses_batch_line():
