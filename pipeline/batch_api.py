@@ -45,10 +45,21 @@ def _count(row: dict, name: str) -> int:
 
 
 def _message(row: dict) -> dict:
-    message = {"role": "assistant", "content": row.get("output_text") or "", "refusal": None}
+    calls = row.get("tool_calls")
+    # OpenAI's content is null beside tool calls when the model wrote no text
+    content = row.get("output_text") or (None if calls else "")
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
     if row.get("reasoning_text") is not None:
         message["reasoning_content"] = row["reasoning_text"]
     return message
+
+
+def _finish_reason(row: dict) -> str:
+    reason = row.get("finish_reason")
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_key: str) -> dict:
@@ -64,7 +75,7 @@ def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_
         "choices": [{
             "index": index,
             "message": _message(row),
-            "finish_reason": "length" if row.get("finish_reason") == "length" else "stop",
+            "finish_reason": _finish_reason(row),
             "logprobs": None,
         } for index, row in enumerate(rows)],
         "usage": {
@@ -90,13 +101,17 @@ def response_body(row: dict, model: str, created: int, job_key: str) -> dict:
             "content": [{"type": "reasoning_text", "text": row["reasoning_text"]}],
             "status": status,
         })
-    output.append({
-        "id": f"msg_{_token(job_key, row['id'], 'message')}",
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
-    })
+    calls = row.get("tool_calls") or []
+    if row.get("output_text") is not None or not calls:
+        output.append({
+            "id": f"msg_{_token(job_key, row['id'], 'message')}",
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
+        })
+    output += [{"id": f"fc_{_token(job_key, row['id'], 'call', str(index))}", "type": "function_call", "call_id": c["id"],
+                "name": c["name"], "arguments": c["arguments"], "status": "completed"} for index, c in enumerate(calls)]
     prompt, completion = _count(row, "prompt_tokens"), _count(row, "completion_tokens")
     return {
         "id": f"resp_{_token(job_key, row['id'], 'response')}",
@@ -238,7 +253,7 @@ def count_lines(results: list[dict]) -> int:
 BATCH_COLUMNS = [
     "id", "status", "finish_reason", "output_text", "reasoning_text", "error", "prompt_tokens",
     "reasoning_tokens", "output_tokens", "completion_tokens", "request_kind", "model", "cached_prompt_tokens",
-    CHOICE_COLUMN,
+    CHOICE_COLUMN, "tool_calls",
 ]
 
 

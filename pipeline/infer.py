@@ -22,6 +22,7 @@ from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
+from ossbatch.pipeline.tools import call_id, call_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,6 +56,7 @@ class _Prepared:
     params: SamplingParams
     grammar: object | None
     schema: str | None
+    functions: frozenset[str] = frozenset()  # the request's function tools
 
 
 class ShardInferencer:
@@ -178,18 +180,20 @@ class ShardInferencer:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
         schema = request.get("schema") or s.response_schema
         max_reasoning = _first(request.get("max_reasoning_tokens"), s.max_reasoning_tokens)
+        tools = request.get("tools")
+        calls = call_spec(tools, request.get("tool_choice"))
         grammar, response_format = None, None
-        if schema is not None or max_reasoning is not None:
+        if schema is not None or max_reasoning is not None or calls is not None:
             from ossbatch.pipeline.grammar import compile_row_grammar
             from ossbatch.pipeline.response_format import SchemaRefused, response_format_section
 
             try:
-                grammar = compile_row_grammar(schema, max_reasoning)
+                grammar = compile_row_grammar(schema, max_reasoning, calls)
             except SchemaRefused as err:
-                raise ValueError(f"schema refused: {err}") from None
+                raise ValueError(f"{'schema' if schema is not None else 'tools'} refused: {err}") from None
             if schema is not None:
                 response_format = response_format_section(schema)
-        prompt = render_prompt(request["messages"], request.get("instructions"), effort, response_format)
+        prompt = render_prompt(request["messages"], request.get("instructions"), effort, response_format, tools)
         if len(prompt) >= self.context:
             raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {self.context}")
         room = self.context - len(prompt)
@@ -207,10 +211,10 @@ class ShardInferencer:
             top_p=float(_first(request.get("top_p"), s.top_p)),
             seed=int(seed) if seed is not None else row_seed(s.seed, request["id"]),
         )
-        return _Prepared(index, prompt, params, grammar, schema)
+        return _Prepared(index, prompt, params, grammar, schema, frozenset(t["name"] for t in tools or ()))
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
-        parsed = parse_completion(completion.token_ids, completion.finish_reason)
+        parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
         result = _base_row(request) | {
             "status": parsed.status,
             "finish_reason": parsed.finish_reason,
@@ -222,10 +226,12 @@ class ShardInferencer:
             "reasoning_tokens": parsed.reasoning_tokens,
             "output_tokens": parsed.output_tokens,
             "completion_tokens": len(completion.token_ids),
+            "tool_calls": [{"id": call_id(request["id"], i), **call} for i, call in enumerate(parsed.tool_calls)]
+            if parsed.tool_calls else None,
         }
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
-        if row.schema is not None:
+        if row.schema is not None and not parsed.tool_calls:  # a call is no answer to check
             from ossbatch.pipeline.answer import answer_fields
 
             result |= answer_fields(parsed.output_text or "", row.schema)
