@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import json
 
-from openai_harmony import Author, DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription
+from openai_harmony import Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription
 
 from ossbatch.pipeline.harmony import harmony_encoding
 from ossbatch.pipeline.tools import FUNCTIONS, JSON_CONTENT_TYPE, tool_descriptions
@@ -91,8 +91,9 @@ def _header(developer_text: str, reasoning_effort: str, response_format: str | N
 @lru_cache(maxsize=256)
 def _rendered_header(developer_text: str, reasoning_effort: str, response_format: str | None,
                      tools: str | None = None) -> tuple[int, ...]:
-    encoding = harmony_encoding()
-    return tuple(t for m in _header(developer_text, reasoning_effort, response_format, tools) for t in encoding.render(m))
+    # As a conversation: harmony then tells the system message that function calls go to commentary.
+    conversation = Conversation.from_messages(_header(developer_text, reasoning_effort, response_format, tools))
+    return tuple(harmony_encoding().render_conversation(conversation))
 
 
 @lru_cache(maxsize=1)
