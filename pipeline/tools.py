@@ -91,9 +91,7 @@ def tools_from_body(body: dict, kind: str, where: str, check_schema: Callable[[o
         if not isinstance(strict, bool):
             _fail(f"{at}.strict", f"must be true or false, got {strict!r}")
         tools.append({"name": name, "description": description or "", "parameters": parameters, "strict": strict})
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        _fail(f"{where}.parallel_tool_calls", f"must be true or false, got {parallel!r}")
+    # parallel_tool_calls (a boolean, checked by the request schema) needs nothing here: see above.
     return tools, _tool_choice(body.get("tool_choice"), kind, names, f"{where}.tool_choice")
 
 

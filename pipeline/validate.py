@@ -214,11 +214,12 @@ def _text(content) -> str:
     return "\n".join(part["text"] for part in content)
 
 
-def _split_messages(messages: list[dict], where: str) -> tuple[list[dict], list[str]]:
+def _split_messages(messages: list[dict], where: str, call_field: str = "tool_call_id") -> tuple[list[dict], list[str]]:
     """(conversation turns, system/developer texts): harmony carries the latter as instructions.
 
     An assistant turn may carry ``tool_calls`` ([{id, name, arguments}]); a ``tool`` turn names the
-    function whose call (``tool_call_id``, an earlier call's id) it answers."""
+    function whose call (``tool_call_id``, an earlier call's id) it answers; ``call_field`` is that
+    field's name in the input (a Responses function_call_output's is ``call_id``)."""
     turns, instructions, called = [], [], {}
     for index, message in enumerate(messages):
         role = message["role"]
@@ -227,7 +228,7 @@ def _split_messages(messages: list[dict], where: str) -> tuple[list[dict], list[
         elif role == "tool":
             name = called.get(message["tool_call_id"])
             if name is None:
-                raise RowError(f"{where}[{index}].tool_call_id: {message['tool_call_id']!r} is the id of no earlier "
+                raise RowError(f"{where}[{index}].{call_field}: {message['tool_call_id']!r} is the id of no earlier "
                                "assistant tool call")
             turns.append({"role": "tool", "name": name, "content": _text(message["content"])})
         elif message.get("tool_calls"):
@@ -429,7 +430,7 @@ def _from_responses(body: dict) -> dict:
     if isinstance(given, str):
         turns, instructions = [{"role": "user", "content": given}], []
     else:
-        turns, instructions = _split_messages(_responses_items(given), "body.input")
+        turns, instructions = _split_messages(_responses_items(given), "body.input", "call_id")
     fmt = (body.get("text") or {}).get("format")
     return {
         "messages": turns,

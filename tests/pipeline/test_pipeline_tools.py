@@ -161,7 +161,7 @@ def test_bad_tool_messages_fail_their_line_naming_the_field(messages, message):
 def test_a_responses_output_without_its_call_names_the_item():
     request = responses_request({"input": [{"role": "user", "content": "x"},
                                            {"type": "function_call_output", "call_id": "gone", "output": "1"}]})
-    assert "body.input[1].tool_call_id: 'gone' is the id of no earlier assistant tool call" in request["error"]
+    assert "body.input[1].call_id: 'gone' is the id of no earlier assistant tool call" in request["error"]
 
 
 def test_tool_choice_decides_the_grammar():
