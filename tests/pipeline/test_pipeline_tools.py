@@ -257,3 +257,19 @@ def test_batch_lines_with_a_call_parse_with_the_openai_sdk():
     item = response.output[1]
     assert (item.call_id, item.name, item.arguments) == ("call_abc", "get_weather", '{"city":"Oslo","unit":"c"}')
     assert response.output_text == ""
+
+
+def test_tools_without_instructions_render_token_exact_to_harmony():
+    request = chat_request({"messages": [{"role": "user", "content": "Look up 7"}], "tools": [chat_tool("lookup", LOOKUP)]})
+    tokens = render_prompt(request["messages"], request["instructions"], "medium", None, request["tools"])
+    developer = DeveloperContent.new().with_function_tools([ToolDescription.new("lookup", "The lookup function.", LOOKUP)])
+    expected = harmony_encoding().render_conversation_for_completion(Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)),
+        Message.from_role_and_content(Role.DEVELOPER, developer),
+        Message.from_role_and_content(Role.USER, "Look up 7"),
+    ]), Role.ASSISTANT)
+    assert tokens == expected
+    assert "# Instructions" not in harmony_encoding().decode(tokens)
+    # without tools, the system message says nothing of function calls
+    plain = harmony_encoding().decode(render_prompt(request["messages"]))
+    assert "functions" not in plain and "# Tools" not in plain
