@@ -14,11 +14,12 @@ before them, on `commentary`, as gpt-oss's preambles do); a tool result is a
 message from `functions.NAME` to the assistant on `commentary`.
 """
 
+import json
 from functools import lru_cache
 
-import json
-
-from openai_harmony import Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription
+from openai_harmony import (
+    Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription,
+)
 
 from ossbatch.pipeline.harmony import harmony_encoding
 from ossbatch.pipeline.tools import FUNCTIONS, JSON_CONTENT_TYPE, tool_descriptions
