@@ -57,6 +57,7 @@ class _Prepared:
     grammar: object | None
     schema: str | None
     functions: frozenset[str] = frozenset()  # the request's function tools
+    call_schemas: dict | None = None  # function -> parameter schema text, where the grammar constrains calls
 
 
 class ShardInferencer:
@@ -211,7 +212,8 @@ class ShardInferencer:
             top_p=float(_first(request.get("top_p"), s.top_p)),
             seed=int(seed) if seed is not None else row_seed(s.seed, request["id"]),
         )
-        return _Prepared(index, prompt, params, grammar, schema, frozenset(t["name"] for t in tools or ()))
+        return _Prepared(index, prompt, params, grammar, schema, frozenset(t["name"] for t in tools or ()),
+                         dict(calls.functions) if calls is not None else None)
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
         parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
@@ -231,6 +233,14 @@ class ShardInferencer:
         }
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
+        # A parameter schema llguidance enforces only leniently (uniqueItems, ...) may let a call slip.
+        for call in parsed.tool_calls if row.call_schemas and result["status"] == "ok" else ():
+            from ossbatch.pipeline.answer import validate_answer
+
+            schema_text = row.call_schemas.get(call["name"])
+            if schema_text is not None and validate_answer(call["arguments"], schema_text)[1] is not True:
+                result |= {"status": "error", "finish_reason": "error",
+                           "error": f"tool call {call['name']}: arguments do not match the function's parameters"}
         if row.schema is not None and not parsed.tool_calls:  # a call is no answer to check
             from ossbatch.pipeline.answer import answer_fields
 

@@ -18,6 +18,9 @@ LOOKUP = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 
                                            "exact": {"type": "boolean"}},
           "required": ["id", "exact"], "additionalProperties": False}
 SCHEMAS = {"get_weather": WEATHER, "lookup": LOOKUP}
+# uniqueItems: llguidance enforces this only leniently, so a call may slip; such a row must fail, never pass
+PICK = {"type": "object", "properties": {"picks": {"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2,
+                                                   "uniqueItems": True}}, "required": ["picks"], "additionalProperties": False}
 
 
 def chat_tools(strict: bool) -> list[dict]:
@@ -61,6 +64,8 @@ def lines() -> list[dict]:
             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris","unit":"c"}'},
             {"type": "function_call_output", "call_id": "call_1", "output": '{"temp": 21}'}]),
         chat_line("bad-tool", tools=[{"type": "function", "function": {"name": "x", "parameters": {"type": "objekt"}}}]),
+        *(chat_line(f"lenient-{i}", tools=[{"type": "function", "function": {"name": "pick", "parameters": PICK}}],
+                    tool_choice="required") for i in range(4)),
     ]
 
 
@@ -74,6 +79,13 @@ def test_strict_tools_end_to_end(tiny_model_dir, tmp_path):
     assert set(by_id) == {line["custom_id"] for line in lines()}
 
     assert "body.tools[0].function.parameters: not a valid JSON Schema" in by_id.pop("bad-tool")["error"]["message"]
+    for i in range(4):
+        line = by_id.pop(f"lenient-{i}")
+        if line["error"] is not None:
+            assert "tool call pick: arguments do not match the function's parameters" in line["error"]["message"]
+        else:
+            for call in ChatCompletion.model_validate(line["response"]["body"]).choices[0].message.tool_calls or []:
+                jsonschema.validate(json.loads(call.function.arguments), PICK)
     calls = {}
     for custom_id, line in by_id.items():
         assert line["error"] is None, line
@@ -103,9 +115,9 @@ def test_strict_tools_end_to_end(tiny_model_dir, tmp_path):
     parts = sorted((tmp_path / "out.jsonl.parts" / "data").glob("part-*.parquet"))
     assert parts and all("tool_calls" in pq.read_schema(part).names for part in parts)
     rows = [row for part in parts for row in pq.read_table(part).to_pylist()]
-    assert sum(bool(row["tool_calls"]) for row in rows) == sum(map(len, calls.values()))
+    assert sum(bool(row["tool_calls"]) for row in rows if row["id"] in calls) == sum(map(len, calls.values()))
     for row in rows:
-        if row["tool_calls"]:
+        if row["tool_calls"] and row["id"] in calls:
             assert row["finish_reason"] == "tool_calls" and row["status"] == "ok"
             assert [(c["name"], c["arguments"]) for c in row["tool_calls"]] == calls[row["id"]]
             assert row["reasoning_tokens"] + row["output_tokens"] == row["completion_tokens"]
