@@ -14,7 +14,8 @@ permission, OpenAI's default) is met by a single call.
 its arguments constrained to the function's parameter schema), or both. A row needs a grammar for
 its tools when ``tool_choice`` is ``none`` (calls forbidden), ``required`` or names a function
 (a call forced), or a tool is ``strict`` (its arguments constrained); ``auto`` without strict tools
-leaves the model free.
+leaves the model free. Under a grammar every function's arguments follow its parameter schema (a
+function without ``parameters`` takes ``{}``), strict or not.
 """
 
 from __future__ import annotations
