@@ -40,6 +40,7 @@ from contextlib import ExitStack
 
 import pyarrow.parquet as pq
 
+from ossbatch.pipeline.batch_fields import RESPONSE_ECHO
 from ossbatch.pipeline.storage import Storage, remove
 from ossbatch.pipeline.validate import ECHO_COLUMN, BATCH_ENDPOINTS, echo_of, is_batch_line, record_id
 
@@ -59,7 +60,13 @@ def _count(row: dict, name: str) -> int:
 
 
 def _message(row: dict) -> dict:
-    message = {"role": "assistant", "content": row.get("output_text") or "", "refusal": None}
+    calls = row.get("tool_calls")
+    # OpenAI's content is null beside tool calls when the model wrote no text
+    content = row.get("output_text") or (None if calls else "")
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
     if row.get("reasoning_text") is not None:
         message["reasoning_content"] = row["reasoning_text"]
     return message
@@ -69,6 +76,11 @@ def error_output_of(output: str) -> str:
     """Where a Batch output's failed lines go by default: ``out.jsonl`` -> ``out.errors.jsonl``."""
     stem = output[: -len(".jsonl")] if output.lower().endswith(".jsonl") else output
     return stem + ERRORS_SUFFIX
+
+
+def _finish_reason(row: dict) -> str:
+    reason = row.get("finish_reason")
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_key: str) -> dict:
@@ -85,7 +97,7 @@ def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_
         "choices": [{
             "index": index,
             "message": _message(row),
-            "finish_reason": "length" if row.get("finish_reason") == "length" else "stop",
+            "finish_reason": _finish_reason(row),
             "logprobs": None,
         } for index, row in enumerate(rows)],
         "usage": {
@@ -113,8 +125,10 @@ def _response_echo(row: dict, defaults: dict) -> dict:
         "reasoning": {"effort": reasoning.get("effort") or defaults.get("reasoning_effort"), "summary": None},
         "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
         "truncation": "disabled",
-        **{k: given[k] for k in ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-                                 "truncation") if k in given},
+        "tools": [],
+        "tool_choice": "auto" if given.get("tools") else "none",
+        "parallel_tool_calls": True,  # OpenAI's default; each completion makes at most one call anyway
+        **{k: given[k] for k in RESPONSE_ECHO if k in given},
     }
 
 
@@ -130,13 +144,17 @@ def response_body(row: dict, model: str, created: int, job_key: str, defaults: d
             "content": [{"type": "reasoning_text", "text": row["reasoning_text"]}],
             "status": status,
         })
-    output.append({
-        "id": f"msg_{_token(job_key, row['id'], 'message')}",
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
-    })
+    calls = row.get("tool_calls") or []
+    if row.get("output_text") is not None or not calls:
+        output.append({
+            "id": f"msg_{_token(job_key, row['id'], 'message')}",
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
+        })
+    output += [{"id": f"fc_{_token(job_key, row['id'], 'call', str(index))}", "type": "function_call", "call_id": c["id"],
+                "name": c["name"], "arguments": c["arguments"], "status": "completed"} for index, c in enumerate(calls)]
     prompt, completion = _count(row, "prompt_tokens"), _count(row, "completion_tokens")
     return {
         "id": f"resp_{_token(job_key, row['id'], 'response')}",
@@ -147,9 +165,6 @@ def response_body(row: dict, model: str, created: int, job_key: str, defaults: d
         "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
         "error": None,
         "output": output,
-        "parallel_tool_calls": False,
-        "tool_choice": "none",
-        "tools": [],
         "usage": {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": _count(row, "cached_prompt_tokens"), "cache_write_tokens": 0},
@@ -287,7 +302,7 @@ def count_lines(results: list[dict]) -> int:
 BATCH_COLUMNS = [
     "id", "status", "finish_reason", "output_text", "reasoning_text", "error", "prompt_tokens",
     "reasoning_tokens", "output_tokens", "completion_tokens", "request_kind", "model", "cached_prompt_tokens",
-    CHOICE_COLUMN, ECHO_COLUMN,
+    CHOICE_COLUMN, ECHO_COLUMN, "tool_calls",
 ]
 
 

@@ -18,7 +18,6 @@ from typing import Any
 HONOURED = "honoured"
 REFUSED = "refused"
 ACCEPTED = "accepted"  # harmless: changes nothing here, accepted (and echoed where OpenAI echoes it)
-FUNCTION_CALLING = "function calling"  # tools, tool_choice, ...: refused when they ask for a call (for now)
 
 MAX_STOP = 4
 LOGIT_BIAS_RANGE = (-100, 100)
@@ -60,9 +59,12 @@ _TOP_P = Fate(HONOURED, "nucleus sampling, (0, 1]")
 _SEED = Fate(HONOURED, "a row's sampling is a pure function of its seed (default: from --seed and the row's id)")
 _STREAM = Fate(REFUSED, "false only: a batch does not stream", _equals(False))
 _STREAM_OPTIONS = Fate(REFUSED, "a batch does not stream")
-_TOOLS = Fate(FUNCTION_CALLING, "function calling (not yet): only an empty list", _empty)
-_TOOL_CHOICE = Fate(FUNCTION_CALLING, "function calling (not yet): only none or auto without tools", _no_call)
-_PARALLEL = Fate(FUNCTION_CALLING, "function calling (not yet): accepted, nothing to call", lambda v: isinstance(v, bool))
+_TOOLS = Fate(HONOURED, "function tools, rendered as harmony tool descriptions; `strict` tools constrain the call's "
+                        "arguments to their parameter schema; a call comes back as tool_calls / function_call")
+_TOOL_CHOICE = Fate(HONOURED, "auto, none, required, or a named function (required and a named function force the call)")
+_PARALLEL = Fate(HONOURED, "a completion makes at most one call (harmony ends the turn at <|call|>): false always holds")
+_LEGACY_FUNCTIONS = Fate(REFUSED, "the deprecated form: use tools", _empty)
+_LEGACY_FUNCTION_CALL = Fate(REFUSED, "the deprecated form: use tool_choice", _no_call)
 _USER = Fate(ACCEPTED, "accepted")
 _METADATA = Fate(ACCEPTED, "accepted")
 _STORE = Fate(ACCEPTED, "accepted (nothing is stored)")
@@ -103,8 +105,8 @@ CHAT_FIELDS: dict[str, Fate] = {
     "tools": _TOOLS,
     "tool_choice": _TOOL_CHOICE,
     "parallel_tool_calls": _PARALLEL,
-    "functions": _TOOLS,
-    "function_call": _TOOL_CHOICE,
+    "functions": _LEGACY_FUNCTIONS,
+    "function_call": _LEGACY_FUNCTION_CALL,
 }
 
 RESPONSES_FIELDS: dict[str, Fate] = {
@@ -143,13 +145,13 @@ RESPONSES_FIELDS: dict[str, Fate] = {
     "tools": _TOOLS,
     "tool_choice": _TOOL_CHOICE,
     "parallel_tool_calls": _PARALLEL,
-    "max_tool_calls": Fate(FUNCTION_CALLING, "function calling (not yet): accepted, nothing to call",
-                           lambda v: isinstance(v, int)),
+    "max_tool_calls": Fate(HONOURED, "a completion makes at most one call, so any limit of 1 or more holds"),
 }
 
 ENDPOINT_FIELDS = {"chat": CHAT_FIELDS, "responses": RESPONSES_FIELDS}
 # Echoed as given in a Response object (OpenAI echoes these request fields there).
-RESPONSE_ECHO = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation")
+RESPONSE_ECHO = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation",
+                 "tools", "tool_choice", "parallel_tool_calls")
 CHAT_ECHO = ("service_tier",)
 
 
@@ -174,7 +176,7 @@ def _check(table: dict[str, Fate], name: str, value) -> FieldError | None:
     if fate is None:
         return FieldError("unknown_parameter", name, f"body.{name}: unknown parameter; see the README's "
                                                       "table of Batch fields for what ossbatch honours")
-    if fate.fate in (REFUSED, FUNCTION_CALLING) and not (fate.harmless is not None and fate.harmless(value)):
+    if fate.fate == REFUSED and not (fate.harmless is not None and fate.harmless(value)):
         return FieldError("unsupported_parameter", name, f"body.{name}: not supported ({fate.note})")
     return None
 

@@ -23,6 +23,7 @@ from ossbatch.pipeline.config import EngineConfig, Job
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
 from ossbatch.pipeline.stops import StopStrings, cut_at_stop
+from ossbatch.pipeline.tools import call_id, call_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -57,6 +58,8 @@ class _Prepared:
     grammar: object | None
     schema: str | None
     stop: list[str] | None = None  # OpenAI's stop strings, on the final answer (pipeline.stops)
+    functions: frozenset[str] = frozenset()  # the request's function tools
+    call_schemas: dict | None = None  # function -> parameter schema text, where the grammar constrains calls
 
 
 class ShardInferencer:
@@ -180,18 +183,20 @@ class ShardInferencer:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
         schema = request.get("schema") or s.response_schema
         max_reasoning = _first(request.get("max_reasoning_tokens"), s.max_reasoning_tokens)
+        tools = request.get("tools")
+        calls = call_spec(tools, request.get("tool_choice"))
         grammar, response_format = None, None
-        if schema is not None or max_reasoning is not None:
+        if schema is not None or max_reasoning is not None or calls is not None:
             from ossbatch.pipeline.grammar import compile_row_grammar
             from ossbatch.pipeline.response_format import SchemaRefused, response_format_section
 
             try:
-                grammar = compile_row_grammar(schema, max_reasoning)
+                grammar = compile_row_grammar(schema, max_reasoning, calls)
             except SchemaRefused as err:
-                raise ValueError(f"schema refused: {err}") from None
+                raise ValueError(f"{'schema' if schema is not None else 'tools'} refused: {err}") from None
             if schema is not None:
                 response_format = response_format_section(schema)
-        prompt = render_prompt(request["messages"], request.get("instructions"), effort, response_format)
+        prompt = render_prompt(request["messages"], request.get("instructions"), effort, response_format, tools)
         if len(prompt) >= self.context:
             raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {self.context}")
         room = self.context - len(prompt)
@@ -212,10 +217,11 @@ class ShardInferencer:
             frequency_penalty=float(request.get("frequency_penalty") or 0.0),
             logit_bias=_logit_bias(request.get("logit_bias"), self.model.config.vocab_size),
         )
-        return _Prepared(index, prompt, params, grammar, schema, request.get("stop") or None)
+        return _Prepared(index, prompt, params, grammar, schema, request.get("stop") or None,
+                         frozenset(t["name"] for t in tools or ()), dict(calls.functions) if calls is not None else None)
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
-        parsed = parse_completion(completion.token_ids, completion.finish_reason)
+        parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
         result = _base_row(request) | {
             "status": parsed.status,
             "finish_reason": parsed.finish_reason,
@@ -227,13 +233,23 @@ class ShardInferencer:
             "reasoning_tokens": parsed.reasoning_tokens,
             "output_tokens": parsed.output_tokens,
             "completion_tokens": len(completion.token_ids),
+            "tool_calls": [{"id": call_id(request["id"], i), **call} for i, call in enumerate(parsed.tool_calls)]
+            if parsed.tool_calls else None,
         }
         answer = cut_at_stop(parsed.output_text, row.stop)
         if answer is not None and parsed.status != "error":  # a stop string ends the answer, as OpenAI's stop
             result |= {"output_text": answer, "status": "ok", "finish_reason": "stop"}
         if constraint_error:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
-        if row.schema is not None:
+        # A parameter schema llguidance enforces only leniently (uniqueItems, ...) may let a call slip.
+        for call in parsed.tool_calls if row.call_schemas and result["status"] == "ok" else ():
+            from ossbatch.pipeline.answer import validate_answer
+
+            schema_text = row.call_schemas.get(call["name"])
+            if schema_text is not None and validate_answer(call["arguments"], schema_text)[1] is not True:
+                result |= {"status": "error", "finish_reason": "error",
+                           "error": f"tool call {call['name']}: arguments do not match the function's parameters"}
+        if row.schema is not None and not parsed.tool_calls:  # a call is no answer to check
             from ossbatch.pipeline.answer import answer_fields
 
             result |= answer_fields(result["output_text"] or "", row.schema)

@@ -1,16 +1,23 @@
-"""Parse a harmony completion into reasoning (analysis) and answer (final), with openai-harmony.
+"""Parse a harmony completion into reasoning (analysis), answer (final) and function calls, with
+openai-harmony.
+
+A call is a message harmony parses with the recipient ``functions.NAME`` (gpt-oss writes it on the
+commentary channel and ends it with ``<|call|>``, a stop token, so a completion holds at most one);
+its content is the call's arguments, its ``finish_reason`` ``tool_calls``. A call to anything but a
+function, or to a function the request does not define, fails the row.
 
 The token counts come from the same parse: harmony's streaming parser says where each message
 ends, and a message's tokens count as output when harmony gives it the ``final`` channel, from
-its header's ``<|channel|>`` on (the ``<|start|>assistant`` announcing it counts as reasoning,
-as the first message's lies in the prompt).
+its header's ``<|channel|>`` on, or makes it a call, from after its ``<|start|>assistant`` (that
+announcement counts as reasoning, as the first message's lies in the prompt).
 """
 
 from dataclasses import dataclass
 
 from openai_harmony import HarmonyError, Role, StreamableParser, StreamState
 
-from ossbatch.pipeline.harmony import CALL, CHANNEL, END, RETURN, harmony_encoding
+from ossbatch.pipeline.harmony import CALL, CHANNEL, END, RETURN, START, harmony_encoding
+from ossbatch.pipeline.tools import function_name
 
 _CLOSERS = frozenset((END, RETURN, CALL))
 
@@ -18,16 +25,18 @@ _CLOSERS = frozenset((END, RETURN, CALL))
 @dataclass
 class ParsedCompletion:
     status: str  # ok | length | error
-    finish_reason: str  # stop | length | error
+    finish_reason: str  # stop | length | tool_calls | error
     output_text: str | None
     reasoning_text: str | None
     error: str | None
     reasoning_tokens: int
     output_tokens: int
+    tool_calls: list[dict] | None = None  # [{name, arguments}] in order; None without calls
 
 
-def parse_completion(token_ids: list[int], finish_reason: str) -> ParsedCompletion:
-    """`finish_reason` is the engine's: "stop" (a stop token ended it) or "length"."""
+def parse_completion(token_ids: list[int], finish_reason: str, functions: frozenset[str] = frozenset()) -> ParsedCompletion:
+    """`finish_reason` is the engine's: "stop" (a stop token ended it) or "length"; ``functions``
+    are the names of the request's function tools."""
     truncated = finish_reason == "length"
     # A truncated completion has no closing token: parse what there is, leniently.
     parser = StreamableParser(harmony_encoding(), Role.ASSISTANT, strict=not truncated)
@@ -45,7 +54,9 @@ def parse_completion(token_ids: list[int], finish_reason: str) -> ParsedCompleti
     messages = parser.messages
     if error is None and len(messages) > len(spans):  # a truncated last message, closed by process_eos
         spans.append((spans[-1][1] if spans else 0, len(token_ids)))
-    output_tokens = sum(_output_tokens(token_ids, span) for span, m in zip(spans, messages) if m.channel == "final")
+    output_tokens = sum(_output_tokens(token_ids, span) for span, m in zip(spans, messages)
+                        if m.channel == "final" and not m.recipient)
+    output_tokens += sum(_call_tokens(token_ids, span) for span, m in zip(spans, messages) if m.recipient)
     reasoning_tokens = len(token_ids) - output_tokens
     if error is not None:
         if truncated:  # cut off inside a header: it ran out of tokens, which is what the row needs to know
@@ -53,18 +64,30 @@ def parse_completion(token_ids: list[int], finish_reason: str) -> ParsedCompleti
                                     reasoning_tokens, output_tokens)
         return ParsedCompletion("error", "error", None, None, f"completion does not parse as harmony: {error}",
                                 reasoning_tokens, output_tokens)
-    reasoning, output = [], []
+    reasoning, output, calls = [], [], []
     for message in messages:
         text = "".join(part.text for part in message.content if hasattr(part, "text"))
-        (output if message.channel == "final" else reasoning).append(text)
+        if message.recipient:
+            name = function_name(message.recipient)
+            if truncated:  # a call cut off (its name too, maybe) is no call: the row ran out of tokens
+                continue
+            if name not in functions:
+                known = f"the request's functions are {', '.join(sorted(functions))}" if functions else "the request has no tools"
+                return ParsedCompletion("error", "error", None, None, f"completion calls {message.recipient!r}, "
+                                        f"which is not a function it may call ({known})", reasoning_tokens, output_tokens)
+            calls.append({"name": name, "arguments": text})
+        else:
+            (output if message.channel == "final" else reasoning).append(text)
+    called = bool(calls) and not truncated
     return ParsedCompletion(
         status="length" if truncated else "ok",
-        finish_reason=finish_reason,
+        finish_reason="tool_calls" if called else finish_reason,
         output_text="".join(output) if output else None,
         reasoning_text="\n".join(reasoning) if reasoning else None,
         error=None,
         reasoning_tokens=reasoning_tokens,
         output_tokens=output_tokens,
+        tool_calls=calls if called else None,
     )
 
 
@@ -73,3 +96,9 @@ def _output_tokens(token_ids: list[int], span: tuple[int, int]) -> int:
     start, stop = span
     header = token_ids.index(CHANNEL, start, stop) if CHANNEL in token_ids[start:stop] else start
     return stop - header
+
+
+def _call_tokens(token_ids: list[int], span: tuple[int, int]) -> int:
+    """A call's output tokens: its span after the ``<|start|>assistant`` that announces it."""
+    start, stop = span
+    return stop - start - (2 if token_ids[start] == START else 0)

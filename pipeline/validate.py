@@ -12,6 +12,8 @@ import importlib.resources
 import json
 import math
 
+import re
+
 import jsonschema
 
 from ossbatch.pipeline.batch_fields import (
@@ -19,6 +21,7 @@ from ossbatch.pipeline.batch_fields import (
 )
 from ossbatch.pipeline.harmony import TOKENIZER_VOCAB_SIZE as TOKENIZER_VOCAB  # the ids a logit_bias may name
 from ossbatch.pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
+from ossbatch.pipeline.tools import tools_from_body
 
 __all__ = [
     "ECHO_COLUMN",
@@ -35,7 +38,7 @@ __all__ = [
 REQUEST_KEYS = (
     "id", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature", "top_p",
     "seed", "max_reasoning_tokens", "schema", "stop", "logit_bias", "presence_penalty", "frequency_penalty",
-    "request_kind", "passthrough", "error",
+    "request_kind", "passthrough", "error", "tools", "tool_choice",
 )
 # Columns a plain row consumes; every other column is passed through to the output.
 PLAIN_FIELDS = frozenset({
@@ -279,18 +282,57 @@ def _text(content) -> str:
     return "\n".join(part["text"] for part in content)
 
 
-def _split_messages(messages: list[dict], where: str) -> tuple[list[dict], list[str]]:
-    """(user/assistant messages, system/developer texts): harmony carries the latter as instructions."""
-    turns, instructions = [], []
-    for message in messages:
-        text = _text(message["content"])
-        if message["role"] in INSTRUCTION_ROLES:
-            instructions.append(text)
+def _split_messages(messages: list[dict], where: str, call_field: str = "tool_call_id") -> tuple[list[dict], list[str]]:
+    """(conversation turns, system/developer texts): harmony carries the latter as instructions.
+
+    An assistant turn may carry ``tool_calls`` ([{id, name, arguments}]); a ``tool`` turn names the
+    function whose call (``tool_call_id``, an earlier call's id) it answers; ``call_field`` is that
+    field's name in the input (a Responses function_call_output's is ``call_id``)."""
+    turns, instructions, called = [], [], {}
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role in INSTRUCTION_ROLES:
+            instructions.append(_text(message["content"]))
+        elif role == "tool":
+            name = called.get(message["tool_call_id"])
+            if name is None:
+                raise RowError(f"{where}[{index}].{call_field}: {message['tool_call_id']!r} is the id of no earlier "
+                               "assistant tool call")
+            turns.append({"role": "tool", "name": name, "content": _text(message["content"])})
+        elif message.get("tool_calls"):
+            calls = [{"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in message["tool_calls"]]
+            called.update((c["id"], c["name"]) for c in calls)
+            turns.append({"role": role, "content": _text(message.get("content") or ""), "tool_calls": calls})
         else:
-            turns.append({"role": message["role"], "content": text})
+            turns.append({"role": role, "content": _text(message["content"])})
     if not turns:
         raise RowError(f"{where}: needs at least one user or assistant message besides system/developer ones")
     return turns, instructions
+
+
+def _responses_items(items: list[dict]) -> list[dict]:
+    """Responses input items as chat messages: function_call items as assistant tool calls, their
+    function_call_output items as tool messages."""
+    messages = []
+    for item in items:
+        if item.get("type") == "function_call":
+            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif item.get("type") == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        else:
+            messages.append(item)
+    return messages
+
+
+def _tools(body: dict, kind: str) -> dict:
+    try:
+        tools, tool_choice = tools_from_body(body, kind, "body", _schema_text)
+    except ValueError as err:  # "body.tools[0].function.name: ..." -> param "tools"
+        param = re.match(r"body\.(\w+)", str(err))
+        raise RowError(str(err), param.group(1) if param else None) from None
+    return {"tools": tools or None, "tool_choice": tool_choice}
 
 
 def _instructions(first: str | None, more: list[str]) -> str | None:
@@ -479,6 +521,7 @@ def _from_chat(body: dict) -> dict:
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.response_format.json_schema.schema", schema),
         **_sampling(body, ("max_completion_tokens", "max_tokens"), "body."),
+        **_tools(body, "chat"),
     }
 
 
@@ -487,7 +530,7 @@ def _from_responses(body: dict) -> dict:
     if isinstance(given, str):
         turns, instructions = [{"role": "user", "content": given}], []
     else:
-        turns, instructions = _split_messages(given, "body.input")
+        turns, instructions = _split_messages(_responses_items(given), "body.input", "call_id")
     fmt = (body.get("text") or {}).get("format")
     return {
         "messages": turns,
@@ -496,4 +539,5 @@ def _from_responses(body: dict) -> dict:
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.text.format.schema", (fmt or {}).get("schema")),
         **_sampling(body, ("max_output_tokens",), "body."),
+        **_tools(body, "responses"),
     }

@@ -18,7 +18,7 @@ from ossbatch.pipeline.storage import atomic_open
 RESULT_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("status", pa.string()),  # ok | length | error
-    pa.field("finish_reason", pa.string()),  # stop | length | error
+    pa.field("finish_reason", pa.string()),  # stop | length | tool_calls | error
     pa.field("output_text", pa.string()),
     pa.field("reasoning_text", pa.string()),
     pa.field("error", pa.string()),
@@ -33,6 +33,8 @@ RESULT_FIELDS = [
     pa.field("output_token_ids", pa.list_(pa.int32())),
     pa.field("output_logprobs", pa.list_(pa.float32())),
     pa.field("request_kind", pa.string()),  # row | chat | responses
+    # the function calls a completion made (finish_reason "tool_calls"); arguments as JSON text
+    pa.field("tool_calls", pa.list_(pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]))),
 ]
 RESULT_NAMES = frozenset(f.name for f in RESULT_FIELDS)
 STATUSES = ("ok", "length", "error")

@@ -73,9 +73,9 @@ FAILING = [
     (chat("c-audio", audio={"voice": "alloy", "format": "wav"}), "unsupported_parameter", "audio"),
     (chat("c-prediction", prediction={"type": "content", "content": "x"}), "unsupported_parameter", "prediction"),
     (chat("c-web", web_search_options={}), "unsupported_parameter", "web_search_options"),
-    (chat("c-tools", tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter", "tools"),
-    (chat("c-tool-choice", tool_choice="required"), "unsupported_parameter", "tool_choice"),
-    (chat("c-parallel", parallel_tool_calls="yes"), "unsupported_parameter", "parallel_tool_calls"),
+    (chat("c-tools", tools=[{"type": "function", "function": {}}]), "invalid_value", "tools"),  # no name
+    (chat("c-tool-choice", tool_choice="required"), "invalid_value", "tool_choice"),  # nothing to call
+    (chat("c-parallel", parallel_tool_calls="yes"), "invalid_value", "parallel_tool_calls"),
     (chat("c-functions", functions=[{"name": "f"}]), "unsupported_parameter", "functions"),
     (chat("c-function-call", function_call={"name": "f"}), "unsupported_parameter", "function_call"),
     (chat("c-stop-5", stop=["a", "b", "c", "d", "e"]), "invalid_value", "stop"),
@@ -98,10 +98,10 @@ FAILING = [
     (responses("r-previous", previous_response_id="resp_1"), "unsupported_parameter", "previous_response_id"),
     (responses("r-conversation", conversation="conv_1"), "unsupported_parameter", "conversation"),
     (responses("r-prompt", prompt={"id": "pmpt_1"}), "unsupported_parameter", "prompt"),
-    (responses("r-tools", tools=[{"type": "web_search"}]), "unsupported_parameter", "tools"),
-    (responses("r-tool-choice", tool_choice="required"), "unsupported_parameter", "tool_choice"),
-    (responses("r-parallel", parallel_tool_calls=1), "unsupported_parameter", "parallel_tool_calls"),
-    (responses("r-max-tool-calls", max_tool_calls="many"), "unsupported_parameter", "max_tool_calls"),
+    (responses("r-tools", tools=[{"type": "web_search"}]), "invalid_value", "tools"),  # function tools only
+    (responses("r-tool-choice", tool_choice="required"), "invalid_value", "tool_choice"),
+    (responses("r-parallel", parallel_tool_calls=1), "invalid_value", "parallel_tool_calls"),
+    (responses("r-max-tool-calls", max_tool_calls="many"), "invalid_value", "max_tool_calls"),
     (responses("r-temperature", temperature=9), "invalid_value", "temperature"),
 ]
 

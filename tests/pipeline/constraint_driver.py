@@ -71,8 +71,10 @@ def run_random(
     steps: int = 300,
     strengths: list[float] | None = None,
     end_biases: list[float] | None = None,
+    stops: tuple[int, ...] = (RETURN,),
 ) -> tuple[list[RowResult], BatchConstraint]:
-    """Generate for every row until it samples ``<|return|>`` or ``steps`` run out.
+    """Generate for every row until it samples one of ``stops`` (``<|return|>``; the engine's
+    ``<|call|>`` too where given) or ``steps`` run out.
 
     Runs torch single-threaded: on a 2-core machine torch's intra-op thread pool
     contends with llguidance's mask threads and small ops get 100x slower.
@@ -80,12 +82,12 @@ def run_random(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(grammars, seed, steps, strengths, end_biases)
+        return _run(grammars, seed, steps, strengths, end_biases, stops)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(grammars, seed, steps, strengths, end_biases):
+def _run(grammars, seed, steps, strengths, end_biases, stops=(RETURN,)):
     b = len(grammars)
     gen = torch.Generator().manual_seed(seed)
     if strengths is None:
@@ -109,7 +111,7 @@ def _run(grammars, seed, steps, strengths, end_biases):
         bc.advance(tokens, rows)
         for i, t in zip(rows, tokens):
             results[i].tokens.append(t)
-            if t == RETURN:
+            if t in stops:
                 results[i].finished = True
         rows = [i for i in rows if not results[i].finished]
     return results, bc

@@ -59,10 +59,10 @@ def test_an_exception_in_one_rows_grammar_generation_parse_or_validation_is_that
     real_compile, real_generate, real_parse = grammar.compile_row_grammar, infer.generate, parse.parse_completion
     real_validate = answer.validate_answer
 
-    def compile_row_grammar(schema_text, max_reasoning):
+    def compile_row_grammar(schema_text, max_reasoning, *calls):
         if schema_text and "poison-grammar" in schema_text:
             raise KeyError("grammar blew up")
-        return real_compile(schema_text, max_reasoning)
+        return real_compile(schema_text, max_reasoning, *calls)
 
     def generate(model, prompts, params, *args, **kwargs):
         if any(p.seed == 4242 for p in params):
@@ -71,11 +71,11 @@ def test_an_exception_in_one_rows_grammar_generation_parse_or_validation_is_that
 
     parsed = []
 
-    def parse_completion(token_ids, finish_reason):
+    def parse_completion(token_ids, finish_reason, *functions):
         parsed.append(1)
         if len(parsed) == 1:
             raise IndexError("parser blew up")
-        return real_parse(token_ids, finish_reason)
+        return real_parse(token_ids, finish_reason, *functions)
 
     def validate_answer(text, schema_text):
         if "poison-validate" in schema_text:

@@ -28,7 +28,7 @@ def test_jsonl_and_gzip_read_the_same_requests(tmp_path):
         "reasoning_effort": None, "max_tokens": None, "temperature": None, "top_p": None, "seed": None,
         "max_reasoning_tokens": None, "schema": None, "stop": None, "logit_bias": None, "presence_penalty": None,
         "frequency_penalty": None, "request_kind": "row", "passthrough": {"meta": 0},
-        "error": None,
+        "error": None, "tools": None, "tool_choice": None,
     }
 
 

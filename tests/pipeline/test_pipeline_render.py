@@ -50,7 +50,8 @@ def test_text_that_spells_a_special_token_stays_text():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([{"role": "tool", "content": "x"}], "role must be"),
+    ([{"role": "robot", "content": "x"}], "role must be"),
+    ([{"role": "tool", "content": "x"}], "needs the name of the function"),
     ([{"role": "system", "content": "only instructions"}], "no user message"),
     ([{"role": "user", "content": 3}], "content must be a string"),
 ])

@@ -33,8 +33,9 @@ def test_schemas_are_valid_draft_2020_12(name):
     ({"id": "x", "prompt": "p", "temperature": 3}, "temperature: must be a number from 0 to 2, got 3"),
     ({"id": "x", "prompt": "p", "top_p": 0}, "top_p: must be a number in (0, 1], got 0"),
     ({"id": "x", "prompt": 5}, "prompt: must be a non-empty string, got 5"),
-    ({"id": "x", "messages": [{"role": "tool", "content": "c"}]},
-     "messages[0].role: unsupported role 'tool'; allowed: system, developer, user, assistant"),
+    ({"id": "x", "messages": [{"role": "robot", "content": "c"}]},
+     "messages[0].role: unsupported role 'robot'; allowed: system, developer, user, assistant, tool"),
+    ({"id": "x", "messages": [{"role": "tool", "content": "c"}]}, "messages[0].tool_call_id: missing"),
     ({"id": "x", "messages": [{"role": "user"}]}, "messages[0].content: missing"),
     ({"id": "x", "messages": [{"role": "system", "content": "only instructions"}]},
      "messages: needs at least one user or assistant message"),
@@ -71,6 +72,7 @@ def test_plain_row_normalization():
         "temperature": 0.0, "top_p": 1.0, "seed": 7, "max_reasoning_tokens": 32, "schema": '{"type":"object"}',
         "stop": None, "logit_bias": None, "presence_penalty": None, "frequency_penalty": None,
         "request_kind": "row", "passthrough": {"source": "crawl", "custom_id": "kept", "top_k": None}, "error": None,
+        "tools": None, "tool_choice": None,
     }
 
 
