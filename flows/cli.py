@@ -423,6 +423,9 @@ def build_parser() -> Parser:
     run.add_argument("--schema", help="a JSON Schema file every row's final answer must follow")
     run.add_argument("--keep-token-ids", action="store_true", help="add prompt_token_ids and output_token_ids columns")
     run.add_argument("--logprobs", action="store_true", help="add output_logprobs: each generated token's log-probability")
+    run.add_argument("--top-logprobs", type=int, default=_default(SamplingOptions, "top_logprobs"), metavar="K",
+                     help="add output_top_logprobs: each generated token's K (0 to 20) most likely tokens, under the "
+                          "model's raw distribution (a row's top_logprobs overrides it)")
     run.set_defaults(func=cmd_run)
 
     derived = "output root: job/ holds the batch job, {what} beside it; {{date}} becomes the run's date"

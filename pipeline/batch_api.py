@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
+from ossbatch.pipeline.logprobs import openai_logprobs
 from ossbatch.pipeline.storage import Storage
 from ossbatch.pipeline.validate import BATCH_ENDPOINTS, is_batch_line, record_id
 
@@ -51,6 +52,13 @@ def _message(row: dict) -> dict:
     return message
 
 
+def _chat_logprobs(row: dict) -> dict | None:
+    """The choice's logprobs: the answer's tokens, when the line asked (``logprobs: true``)."""
+    if row.get("answer_logprobs") is None:
+        return None
+    return {"content": openai_logprobs(row["answer_logprobs"]), "refusal": None}
+
+
 def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_key: str) -> dict:
     """A chat.completion for one row, or for the n choice rows of one line (in choice order)."""
     rows = [rows] if isinstance(rows, dict) else rows
@@ -65,7 +73,7 @@ def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_
             "index": index,
             "message": _message(row),
             "finish_reason": "length" if row.get("finish_reason") == "length" else "stop",
-            "logprobs": None,
+            "logprobs": _chat_logprobs(row),
         } for index, row in enumerate(rows)],
         "usage": {
             "prompt_tokens": prompt,
@@ -95,7 +103,8 @@ def response_body(row: dict, model: str, created: int, job_key: str) -> dict:
         "type": "message",
         "role": "assistant",
         "status": status,
-        "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
+        "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [],
+                     "logprobs": openai_logprobs(row.get("answer_logprobs"))}],
     })
     prompt, completion = _count(row, "prompt_tokens"), _count(row, "completion_tokens")
     return {
@@ -238,7 +247,7 @@ def count_lines(results: list[dict]) -> int:
 BATCH_COLUMNS = [
     "id", "status", "finish_reason", "output_text", "reasoning_text", "error", "prompt_tokens",
     "reasoning_tokens", "output_tokens", "completion_tokens", "request_kind", "model", "cached_prompt_tokens",
-    CHOICE_COLUMN,
+    CHOICE_COLUMN, "answer_logprobs",
 ]
 
 

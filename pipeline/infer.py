@@ -20,6 +20,7 @@ from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
+from ossbatch.pipeline.logprobs import answer_logprobs, output_top_logprobs
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
 
@@ -55,6 +56,8 @@ class _Prepared:
     params: SamplingParams
     grammar: object | None
     schema: str | None
+    top_logprobs: int = 0  # K alternatives per generated token
+    logprobs: bool = False  # the request asked for its answer's logprobs (a Batch line's logprobs / include)
 
 
 class ShardInferencer:
@@ -155,7 +158,8 @@ class ShardInferencer:
             [r.params for r in rows],
             self.stops,
             constraint=constraint,
-            logprobs=self.settings.logprobs,
+            logprobs=self.settings.logprobs or any(r.logprobs or r.top_logprobs for r in rows),
+            top_logprobs=[r.top_logprobs for r in rows],
             prefill_groups=groups,
             slots=slots,
             shared_prefixes=list(prefixes),
@@ -207,7 +211,8 @@ class ShardInferencer:
             top_p=float(_first(request.get("top_p"), s.top_p)),
             seed=int(seed) if seed is not None else row_seed(s.seed, request["id"]),
         )
-        return _Prepared(index, prompt, params, grammar, schema)
+        top_logprobs = int(_first(request.get("top_logprobs"), s.top_logprobs))
+        return _Prepared(index, prompt, params, grammar, schema, top_logprobs, bool(request.get("logprobs")))
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
         parsed = parse_completion(completion.token_ids, completion.finish_reason)
@@ -232,8 +237,12 @@ class ShardInferencer:
         if self.settings.keep_token_ids:
             result["prompt_token_ids"] = row.prompt
             result["output_token_ids"] = completion.token_ids
-        if self.settings.logprobs:
+        if self.settings.logprobs or row.logprobs or row.top_logprobs:
             result["output_logprobs"] = completion.logprobs
+        if row.top_logprobs:
+            result["output_top_logprobs"] = output_top_logprobs(completion.top_logprobs)
+        if row.logprobs:
+            result["answer_logprobs"] = answer_logprobs(completion.token_ids, completion.logprobs, completion.top_logprobs)
         return result
 
 

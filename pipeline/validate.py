@@ -29,16 +29,17 @@ __all__ = [
 
 REQUEST_KEYS = (
     "id", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature", "top_p",
-    "seed", "max_reasoning_tokens", "schema", "request_kind", "passthrough", "error",
+    "seed", "max_reasoning_tokens", "schema", "request_kind", "passthrough", "error", "logprobs", "top_logprobs",
 )
 # Columns a plain row consumes; every other column is passed through to the output.
 PLAIN_FIELDS = frozenset({
     "id", "prompt", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature",
-    "top_p", "seed", "max_reasoning_tokens", "schema",
+    "top_p", "seed", "max_reasoning_tokens", "schema", "logprobs", "top_logprobs",
 })
 BATCH_FIELDS = frozenset({"id", "custom_id", "method", "url", "body"})
 BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/responses": "responses"}
 INSTRUCTION_ROLES = ("system", "developer")
+RESPONSES_LOGPROBS = "message.output_text.logprobs"  # the Responses API's include for the answer's logprobs
 # json_object mode has no schema of its own; "any JSON object" is what it promises.
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 MAX_ERRORS_PER_ROW = 3
@@ -360,6 +361,8 @@ def _from_row(row: dict) -> dict:
         "max_reasoning_tokens": int(row["max_reasoning_tokens"]) if "max_reasoning_tokens" in row else None,
         "schema": _schema_text(row["schema"], "schema") if "schema" in row else None,
         **_sampling(row, ("max_tokens",)),
+        "logprobs": row.get("logprobs"),
+        "top_logprobs": row.get("top_logprobs"),
     }
 
 
@@ -382,6 +385,7 @@ def _from_chat(body: dict) -> dict:
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.response_format.json_schema.schema", schema),
         **_sampling(body, ("max_completion_tokens", "max_tokens")),
+        **_logprob_fields(body.get("logprobs", False), body.get("top_logprobs"), "body.top_logprobs", "body.logprobs"),
     }
 
 
@@ -399,4 +403,13 @@ def _from_responses(body: dict) -> dict:
         "max_reasoning_tokens": None,
         "schema": _format_schema(fmt, "body.text.format.schema", (fmt or {}).get("schema")),
         **_sampling(body, ("max_output_tokens",)),
+        **_logprob_fields(RESPONSES_LOGPROBS in (body.get("include") or []), body.get("top_logprobs"),
+                          "body.top_logprobs", f"body.include {RESPONSES_LOGPROBS!r}"),
     }
+
+
+def _logprob_fields(wanted: bool, top: int | None, top_path: str, wanted_path: str) -> dict:
+    """A request's ``logprobs`` (the answer's token logprobs) and ``top_logprobs`` (K alternatives)."""
+    if top and not wanted:  # as OpenAI: alternatives are part of the logprobs asked for
+        raise RowError(f"{top_path}: needs {wanted_path} (top_logprobs are given with the logprobs)")
+    return {"logprobs": bool(wanted) or None, "top_logprobs": int(top) if top is not None else None}

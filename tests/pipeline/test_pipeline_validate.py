@@ -70,6 +70,7 @@ def test_plain_row_normalization():
         "instructions": "Answer briefly.\n\nYou are terse.", "reasoning_effort": "low", "max_tokens": 64,
         "temperature": 0.0, "top_p": 1.0, "seed": 7, "max_reasoning_tokens": 32, "schema": '{"type":"object"}',
         "request_kind": "row", "passthrough": {"source": "crawl", "custom_id": "kept", "top_k": None}, "error": None,
+        "logprobs": None, "top_logprobs": None,
     }
 
 
