@@ -75,6 +75,8 @@ class ShardInferencer:
         self.batch_tokens = job.options.batch_tokens
         self.max_batch_rows = job.options.max_batch_rows
         self.prefix_sharing = job.options.prefix_sharing
+        self.label_field = job.options.label_field
+        self.label_seconds = 0.0  # engine time spent scoring labels (benchmarks read it)
         self.stops = stop_token_ids()
 
     @cached_property
@@ -145,7 +147,42 @@ class ShardInferencer:
                 except Exception as err:  # noqa: BLE001
                     results[row.index] = _error_row(request, f"parse/validation: {_describe(err)}") | {
                         "prompt_tokens": len(row.prompt), "completion_tokens": len(completion.token_ids)}
+            if self.label_field is not None:
+                self._score_labels(outcomes, results)
         return results, stats
+
+    def _score_labels(self, outcomes: list[tuple], results: list[dict]) -> None:
+        """label_probs and label_confidence of the run's rows whose schema makes --label-field an enum,
+        scored in one engine call (each row alone if that fails: then a row that fails alone is its error)."""
+        from ossbatch.pipeline.label_probs import label_enum, label_fields, score_labels, spell_labels
+
+        spelled = []
+        for row, completion, _ in outcomes:
+            labels = label_enum(row.schema, self.label_field)
+            if labels is None or completion is None or results[row.index].get("status") == "error":
+                continue
+            spelling = spell_labels(row.prompt, completion.token_ids, self.label_field, labels)
+            results[row.index] |= label_fields(spelling, None)
+            if spelling is not None:
+                spelled.append((row, spelling))
+        if not spelled:
+            return
+        started = time.perf_counter()
+        try:
+            scores = score_labels(self.model, [s for _, s in spelled])
+        except Exception:  # noqa: BLE001
+            scores = []
+            for row, spelling in spelled:
+                try:
+                    scores += score_labels(self.model, [spelling])
+                except Exception as err:  # noqa: BLE001
+                    scores.append(None)
+                    results[row.index] |= {"status": "error", "finish_reason": "error",
+                                           "error": f"label scoring: {_describe(err)}"}
+        self.label_seconds += time.perf_counter() - started
+        for (row, spelling), row_scores in zip(spelled, scores):
+            if row_scores is not None:
+                results[row.index] |= label_fields(spelling, row_scores)
 
     def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
                   prefixes: list[SharedPrefix] = ()) -> list[tuple]:

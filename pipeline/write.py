@@ -39,6 +39,10 @@ RESULT_FIELDS = [
     # The final answer's tokens (a row asking for logprobs: a Batch line's logprobs or include).
     pa.field("answer_logprobs", pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))),
     pa.field("request_kind", pa.string()),  # row | chat | responses
+    # With --label-field (ossbatch label, eval --grading choice): each allowed label's probability where
+    # the answer names its label, and the answer's label's (pipeline.label_probs).
+    pa.field("label_probs", pa.map_(pa.string(), pa.float64())),
+    pa.field("label_confidence", pa.float64()),
 ]
 RESULT_NAMES = frozenset(f.name for f in RESULT_FIELDS)
 STATUSES = ("ok", "length", "error")
