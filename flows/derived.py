@@ -86,14 +86,15 @@ def report_link(path: str) -> str:
 
 
 def write_labels(manifest: dict, root: str, storage: Storage, field: str, gold_column: str | None,
-                 order: list[str]) -> dict:
-    """labels.parquet (every row plus ``label``, and ``correct`` with a gold column) and
-    confusion.parquet (gold, label, rows)."""
+                 order: list[str], min_confidence: float | None = None) -> dict:
+    """labels.parquet (every row plus ``label``, ``label_probs`` and ``label_confidence``, and
+    ``correct`` with a gold column; ``abstained`` with ``min_confidence``) and confusion.parquet
+    (gold, label, abstained, rows)."""
     counts = Counter()
     with parquet_sink(join(root, "labels.parquet"), storage, manifest["job_key"]) as write:
         for table in part_tables(manifest, storage):
             gold = _require_column(table.schema, gold_column, "--gold-column") if gold_column else None
-            labeled, part_counts = grading.label_columns(table, field, gold)
+            labeled, part_counts = grading.label_columns(table, field, gold, min_confidence)
             write(labeled)
             counts.update(part_counts)
     if gold_column:
@@ -102,24 +103,30 @@ def write_labels(manifest: dict, root: str, storage: Storage, field: str, gold_c
         text = grading.format_confusion(counts, order)
     else:
         text = grading.format_label_counts(counts, order)
-    labeled_rows = sum(n for (_, label), n in counts.items() if label is not None)
-    return {"rows": sum(counts.values()), "labeled": labeled_rows, "table": text,
+    labeled_rows = sum(n for (_, label), n in counts.items() if label not in (None, grading.ABSTAINED))
+    abstained = sum(n for (_, label), n in counts.items() if label == grading.ABSTAINED)
+    return {"rows": sum(counts.values()), "labeled": labeled_rows, "abstained": abstained, "table": text,
             "agreement": sum(n for (g, p), n in counts.items() if g is not None and g == p) if gold_column else None}
 
 
 def label(orchestration: Orchestration, model: str, inputs: list[str], output: str, labels: list[str] | dict,
           gold_column: str | None = None, label_field: str = grading.LABEL_FIELD, name: str | None = None,
-          options: JobOptions = JobOptions(), quiet: bool = False) -> dict:
-    """Bulk classification (see flows.nightly.label_job)."""
+          options: JobOptions = JobOptions(), quiet: bool = False, min_confidence: float | None = None) -> dict:
+    """Bulk classification (see flows.nightly.label_job). Every label's probability is scored
+    (label_probs, label_confidence); with ``min_confidence``, rows below it are left unlabeled."""
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise InputError(f"--min-confidence must be a probability from 0 to 1, got {min_confidence}")
     root = resolve_output(output, orchestration.run_date())
     schema = grading.label_schema(labels, label_field)
     if gold_column:
         check_columns(inputs, options.storage, {"--gold-column": gold_column})
+    options = options.replaced(label_field=label_field)
     manifest = orchestration.batch(derived_job(model, inputs, root, options, schema), quiet)
     summary = orchestration.step(write_labels, manifest, root, options.storage, label_field, gold_column,
-                                 grading.label_names(schema, label_field))
+                                 grading.label_names(schema, label_field), min_confidence)
     report = orchestration.step(write_report, root, options.storage)
-    orchestration.log(f"{summary['labeled']} of {summary['rows']} rows labeled\n{summary['table']}")
+    orchestration.log(f"{summary['labeled']} of {summary['rows']} rows labeled"
+                      + (f", {summary['abstained']} abstained" if min_confidence is not None else "") + f"\n{summary['table']}")
     orchestration.markdown(
         f"# Labels of `{root}`\n\n{summary['labeled']} of {summary['rows']} rows labeled; {report_link(report)}.\n\n"
         f"```\n{summary['table']}\n```",

@@ -18,6 +18,8 @@ from ossbatch.pipeline.storage import InputError
 LABEL_FIELD = "label"
 ANSWER_FIELD = "answer"
 NO_LABEL = "(none)"
+ABSTAINED = "(abstained)"  # a label count's key (and the confusion table's column) for rows left unlabeled below --min-confidence
+CALIBRATION_BINS = 10
 ALL = "(all)"
 Z_95 = 1.959963984540054
 GRADING_RULES = ("choice", "exact")
@@ -128,17 +130,28 @@ def normalize_exact(value) -> str | None:
 # --------------------------------------------------------------------------- tables
 
 
-def label_columns(table: pa.Table, field: str, gold_column: str | None) -> tuple[pa.Table, Counter]:
+def label_columns(table: pa.Table, field: str, gold_column: str | None,
+                  min_confidence: float | None = None) -> tuple[pa.Table, Counter]:
     """``table`` with a ``label`` column (null when the row has none) and, with a gold column,
-    ``correct``; plus the (gold, label) counts of its rows."""
+    ``correct``; plus the (gold, label) counts of its rows. With ``min_confidence``, a label whose
+    ``label_confidence`` is below it is left null (its probabilities stay), the row is marked
+    ``abstained`` and counted under ABSTAINED."""
     labels = [as_text(answer_field(j, v, field)) for j, v in
               zip(table.column("output_json").to_pylist(), table.column("schema_valid").to_pylist())]
     golds = [as_text(g) for g in table.column(gold_column).to_pylist()] if gold_column else [None] * len(labels)
+    abstained = [False] * len(labels)
+    if min_confidence is not None:
+        confidence = (table.column("label_confidence").to_pylist() if "label_confidence" in table.column_names
+                      else [None] * len(labels))
+        abstained = [label is not None and c is not None and c < min_confidence for label, c in zip(labels, confidence)]
+        labels = [None if a else label for label, a in zip(labels, abstained)]
     table = set_column(table, "label", pa.array(labels, pa.string()))
+    if min_confidence is not None:
+        table = set_column(table, "abstained", pa.array(abstained, pa.bool_()))
     if gold_column:
         correct = [g is not None and g == label for g, label in zip(golds, labels)]
         table = set_column(table, "correct", pa.array(correct, pa.bool_()))
-    return table, Counter(zip(golds, labels))
+    return table, Counter((g, ABSTAINED if a else label) for g, label, a in zip(golds, labels, abstained))
 
 
 def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -152,29 +165,38 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def confusion_table(counts: Counter) -> pa.Table:
-    """(gold, label, rows) for every pair seen; a null label is a row without one."""
+    """(gold, label, abstained, rows) for every pair seen; a null label is a row without one
+    (``abstained`` when it was left unlabeled below --min-confidence)."""
     pairs = sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))
     return pa.table({
         "gold": pa.array([g for (g, _), _ in pairs], pa.string()),
-        "label": pa.array([p for (_, p), _ in pairs], pa.string()),
+        "label": pa.array([None if p == ABSTAINED else p for (_, p), _ in pairs], pa.string()),
+        "abstained": pa.array([p == ABSTAINED for (_, p), _ in pairs], pa.bool_()),
         "rows": pa.array([n for _, n in pairs], pa.int64()),
     })
 
 
 def format_confusion(counts: Counter, order: list[str] | None = None) -> str:
-    """Gold labels down, predicted labels across; the diagonal is agreement."""
+    """Gold labels down, predicted labels across; the diagonal is agreement. Abstentions (below
+    --min-confidence) have their own column, and the accuracy on the rows not abstained follows."""
     golds = _ordered({g for g, _ in counts}, order)
-    labels = _ordered({p for _, p in counts} | set(order or []), order)  # every label a column, even unused
-    heads = ["gold \\ label", *(p if p is not None else NO_LABEL for p in labels), "total"]
+    labels = _ordered({p for _, p in counts if p != ABSTAINED} | set(order or []), order)  # every label a column, even unused
+    abstained = sum(n for (_, p), n in counts.items() if p == ABSTAINED)
+    columns = labels + ([ABSTAINED] if abstained else [])
+    heads = ["gold \\ label", *(p if p is not None else NO_LABEL for p in columns), "total"]
     rows = []
     for g in golds:
-        cells = [counts.get((g, p), 0) for p in labels]
+        cells = [counts.get((g, p), 0) for p in columns]
         rows.append([g if g is not None else NO_LABEL, *map(str, cells), str(sum(cells))])
     total = sum(counts.values())
     agree = sum(n for (g, p), n in counts.items() if g is not None and g == p)
     widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [heads, *rows]]
     lines.append(f"agreement {agree}/{total}" + (f" ({100 * agree / total:.1f}%)" if total else ""))
+    if abstained:
+        answered = total - abstained
+        lines.append(f"abstained {abstained}/{total} ({100 * abstained / total:.1f}%); accuracy on the rest {agree}/{answered}"
+                     + (f" ({100 * agree / answered:.1f}%)" if answered else ""))
     return "\n".join(lines)
 
 

@@ -135,7 +135,9 @@ def confusion_heatmap(confusion: pa.Table) -> go.Figure:
         return "(none)" if value is None else str(value)
 
     gold = [name(g) for g in confusion.column("gold").to_pylist()]
-    label = [name(p) for p in confusion.column("label").to_pylist()]
+    abstained = (confusion.column("abstained").to_pylist() if "abstained" in confusion.column_names
+                 else [False] * confusion.num_rows)
+    label = ["(abstained)" if a else name(p) for p, a in zip(confusion.column("label").to_pylist(), abstained)]
     rows_ = confusion.column("rows").to_pylist()
     golds, labels = sorted(set(gold)), sorted(set(label) | set(gold))
     cells = [[0] * len(labels) for _ in golds]
