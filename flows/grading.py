@@ -243,7 +243,69 @@ def grade_columns(table: pa.Table, rule: str, gold_column: str, field: str = ANS
     for name, values, kind in (("predicted", predicted, pa.string()), ("gold_answer", gold, pa.string()),
                                ("correct", correct, pa.bool_())):
         table = set_column(table, name, pa.array(values, kind))
+    if rule == "choice" and "label_probs" in table.column_names:  # the engine scored every choice (--label-field)
+        probs = [dict(p) if p is not None else None for p in table.column("label_probs").to_pylist()]
+        table = set_column(table, "choice_probs", pa.array(probs, pa.map_(pa.string(), pa.float64())))
     return table, counts
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class Calibration:
+    """Calibration of the choice probabilities against correctness, gathered over parts per category:
+    expected calibration error (ECE: the rows-weighted gap between mean confidence and accuracy over
+    CALIBRATION_BINS equal-width confidence bins), the multi-class Brier score (mean over rows of
+    sum_k (p_k - [k is gold])^2; 0 is perfect, 2 the worst), and the reliability table. A row's
+    confidence is the probability of the choice it predicted; rows without probabilities (no answer,
+    an error) are left out and counted as such."""
+
+    def __init__(self):
+        self.rows: dict = {}  # category -> list of (confidence, correct, brier)
+
+    def add(self, graded: pa.Table, category_column: str | None) -> None:
+        if "choice_probs" not in graded.column_names:
+            return
+        categories = graded.column(category_column).to_pylist() if category_column else [None] * graded.num_rows
+        for probs, predicted, gold, correct, category in zip(
+                graded.column("choice_probs").to_pylist(), graded.column("predicted").to_pylist(),
+                graded.column("gold_answer").to_pylist(), graded.column("correct").to_pylist(), categories):
+            if probs is None or predicted is None:
+                continue
+            probs = dict(probs)
+            if predicted not in probs:
+                continue
+            brier = sum((p - (choice == gold)) ** 2 for choice, p in probs.items())
+            for key in (ALL, as_text(category)) if category_column else (ALL,):
+                key = NO_LABEL if key is None else key  # as accuracy_rows names the category
+                self.rows.setdefault(key, []).append((probs[predicted], bool(correct), brier))
+
+    def summary(self, key) -> dict:
+        """ece, brier and calibrated_n of one category (None without scored rows)."""
+        rows = self.rows.get(key, [])
+        if not rows:
+            return {"calibrated_n": 0, "ece": None, "brier": None}
+        bins = reliability_bins(rows)
+        ece = sum(b["n"] * abs(b["mean_confidence"] - b["accuracy"]) for b in bins if b["n"]) / len(rows)
+        return {"calibrated_n": len(rows), "ece": ece, "brier": sum(r[2] for r in rows) / len(rows)}
+
+    def reliability(self) -> list[dict]:
+        """category, bin, low, high, n, mean_confidence, accuracy: every category's 10 bins."""
+        keys = [ALL] + sorted((k for k in self.rows if k != ALL), key=lambda k: (k == NO_LABEL, str(k)))
+        return [{"category": key, **b} for key in keys if key in self.rows for b in reliability_bins(self.rows[key])]
+
+
+def reliability_bins(rows: list[tuple[float, bool, float]], bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Equal-width confidence bins [i/bins, (i+1)/bins) (the last closed): rows, mean confidence, accuracy."""
+    tallies = [[0, 0.0, 0] for _ in range(bins)]
+    for confidence, correct, _ in rows:
+        tally = tallies[min(int(confidence * bins), bins - 1)]
+        tally[0] += 1
+        tally[1] += confidence
+        tally[2] += correct
+    return [{"bin": i, "low": i / bins, "high": (i + 1) / bins, "n": n,
+             "mean_confidence": total / n if n else None, "accuracy": right / n if n else None}
+            for i, (n, total, right) in enumerate(tallies)]
 
 
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -302,6 +364,7 @@ def eval_markdown(summary: dict) -> str:
     for row in summary["categories"]:
         lines.append(f"| {row['category']} | {row['n']} | {row['correct']} | {_pct(row['accuracy'])} | "
                      f"{_pct(row['ci_low'])} to {_pct(row['ci_high'])} |")
+    lines += calibration_markdown(summary)
     tokens, cost = summary["tokens"], summary["cost"]
     lines += [
         "",
@@ -312,3 +375,32 @@ def eval_markdown(summary: dict) -> str:
         f"Model: `{summary['model'].get('path')}` {summary['model'].get('content_hash') or ''}; output: `{summary['output']}`.",
     ]
     return "\n".join(lines)
+
+
+def _number(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def calibration_markdown(summary: dict) -> list[str]:
+    """ECE, Brier score (with their change since the previous run) per category, and the overall
+    reliability table; nothing when the eval has no choice probabilities."""
+    categories = [c for c in summary["categories"] if c.get("calibrated_n")]
+    if not categories:
+        return []
+    overall = summary["categories"][0]
+    delta = ""
+    if summary.get("delta_ece") is not None:
+        delta = f" Change since the previous run: ECE {summary['delta_ece']:+.3f}, Brier {summary['delta_brier']:+.3f}."
+    lines = ["", f"Calibration of the choice probabilities ({overall.get('calibrated_n', 0)} rows scored): "
+                 f"ECE {_number(overall.get('ece'))}, Brier score {_number(overall.get('brier'))} (lower is better).{delta}",
+             "", "| category | scored | ECE | Brier | Δ ECE | Δ Brier |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c['category']} | {c['calibrated_n']} | {_number(c['ece'])} | {_number(c['brier'])} | "
+              f"{_signed(c.get('delta_ece'))} | {_signed(c.get('delta_brier'))} |" for c in categories]
+    lines += ["", "| confidence | rows | mean confidence | accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {_number(b['mean_confidence'])} | {_number(b['accuracy'])} |"
+              for b in summary.get("reliability") or [] if b["category"] == ALL]
+    return lines

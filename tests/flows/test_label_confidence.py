@@ -82,3 +82,75 @@ def test_min_confidence_must_be_a_probability(tmp_path, capsys):
         main(["label", "--model", "m", "--input", "x.jsonl", "--output", str(tmp_path), "--labels", "a",
               "--min-confidence", "1.5"])
     assert exit_.value.code == 2 and "--min-confidence must be a probability from 0 to 1" in capsys.readouterr().err
+
+
+def test_calibration_by_hand():
+    """Three scored rows in two categories: ECE, Brier and the bins computed by hand."""
+    table = pa.table({
+        "choice_probs": pa.array([{"A": 0.9, "B": 0.1}, {"A": 0.3, "B": 0.7}, {"A": 0.55, "B": 0.45}, None],
+                                 pa.map_(pa.string(), pa.float64())),
+        "predicted": ["A", "B", "A", None], "gold_answer": ["A", "A", "A", "B"], "correct": [True, False, True, False],
+        "topic": ["x", "x", "y", "y"],
+    })
+    calibration = grading.Calibration()
+    calibration.add(table, "topic")
+    overall = calibration.summary(grading.ALL)
+    assert overall["calibrated_n"] == 3  # the row without probabilities is left out
+    # bins: 0.9 (right), 0.7 (wrong), 0.55 (right) -> |0.9-1| + |0.7-0| + |0.55-1| over 3
+    assert overall["ece"] == pytest.approx((0.1 + 0.7 + 0.45) / 3)
+    assert overall["brier"] == pytest.approx(((0.1 ** 2 + 0.1 ** 2) + (0.7 ** 2 + 0.7 ** 2) + (0.45 ** 2 + 0.45 ** 2)) / 3)
+    assert calibration.summary("x")["calibrated_n"] == 2 and calibration.summary("y")["ece"] == pytest.approx(0.45)
+    assert calibration.summary("nothing") == {"calibrated_n": 0, "ece": None, "brier": None}
+    bins = [b for b in calibration.reliability() if b["category"] == grading.ALL]
+    assert len(bins) == 10 and [b["n"] for b in bins] == [0, 0, 0, 0, 0, 1, 0, 1, 0, 1]
+    assert bins[9]["high"] == 1.0 and bins[7]["accuracy"] == 0.0 and bins[5]["mean_confidence"] == pytest.approx(0.55)
+    one = grading.reliability_bins([(1.0, True, 0.0)])
+    assert one[9]["n"] == 1  # a confidence of exactly 1 lands in the last bin
+
+
+QUESTIONS = [
+    {"id": "e1", "prompt": "7 * 8?\nA) 54\nB) 56\nC) 58\nD) 64", "answer": "B", "category": "math"},
+    {"id": "e2", "prompt": "81 / 9?\nA) 8\nB) 7\nC) 9\nD) 11", "answer": "C", "category": "math"},
+    {"id": "e3", "prompt": "Capital of France?\nA) Paris\nB) Rome\nC) Oslo\nD) Bern", "answer": "A", "category": "geo"},
+    {"id": "e4", "prompt": "Largest ocean?\nA) Arctic\nB) Indian\nC) Pacific\nD) Atlantic", "answer": "C", "category": "geo"},
+]
+
+
+def test_eval_reports_calibration_and_its_change(tiny_model_dir, tmp_path, capsys):
+    from ossbatch.flows import report
+
+    questions = write_jsonl(tmp_path / "mcq.jsonl", QUESTIONS)
+    for night, temperature in (("n1", "0"), ("n2", "1")):
+        assert main(["eval", "--model", str(tiny_model_dir), "--input", questions, "--output", str(tmp_path / night),
+                     "--max-tokens", "40", "--max-reasoning-tokens", "4", "--temperature", temperature,
+                     "--orchestrator", "none", "--quiet"]) == 0
+    root = tmp_path / "n2"
+    graded = pq.read_table(root / "graded.parquet").to_pylist()
+    scored = [(dict(r["choice_probs"]), r) for r in graded if r["choice_probs"] is not None and r["predicted"]]
+    assert scored, "the tiny model answers some questions under the grammar"
+    for probs, _ in scored:
+        assert sorted(probs) == list("ABCD") and sum(probs.values()) == pytest.approx(1)
+    brier = sum(sum((p - (k == r["gold_answer"])) ** 2 for k, p in probs.items()) for probs, r in scored) / len(scored)
+    summary = {r["category"]: r for r in pq.read_table(root / "summary.parquet").to_pylist()}
+    assert summary[grading.ALL]["calibrated_n"] == len(scored)
+    assert summary[grading.ALL]["brier"] == pytest.approx(brier)
+    assert set(summary) == {grading.ALL, "math", "geo"}
+    reliability = pq.read_table(root / "reliability.parquet").to_pylist()
+    overall_bins = [b for b in reliability if b["category"] == grading.ALL]
+    assert len(overall_bins) == 10 and sum(b["n"] for b in overall_bins) == len(scored)
+    ece = sum(b["n"] * abs(b["mean_confidence"] - b["accuracy"]) for b in overall_bins if b["n"]) / len(scored)
+    assert summary[grading.ALL]["ece"] == pytest.approx(ece)
+
+    eval_json = json.loads((root / "eval.json").read_text())
+    before = json.loads((tmp_path / "n1" / "eval.json").read_text())
+    assert eval_json["delta_ece"] == pytest.approx(eval_json["ece"] - before["ece"])
+    assert eval_json["delta_brier"] == pytest.approx(eval_json["brier"] - before["brier"])
+    overall = eval_json["categories"][0]
+    assert overall["delta_brier"] == pytest.approx(eval_json["delta_brier"])
+    markdown = grading.eval_markdown(eval_json)
+    assert "Calibration of the choice probabilities" in markdown and "| Δ ECE | Δ Brier |" in markdown
+    assert markdown.count("| 0.") >= 10  # the reliability table's ten bins
+    figures = {f.layout.title.text: f for f in report.charts(report.gather(str(root)))}
+    assert "Reliability (10 confidence bins)" in figures
+    page = (root / "report.html").read_text()
+    assert "expected calibration error" in page and "since the previous run" in page
