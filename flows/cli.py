@@ -437,6 +437,10 @@ def build_parser() -> Parser:
     run.add_argument("--schema", help="a JSON Schema file every row's final answer must follow")
     run.add_argument("--keep-token-ids", action="store_true", help="add prompt_token_ids and output_token_ids columns")
     run.add_argument("--logprobs", action="store_true", help="add output_logprobs: each generated token's log-probability")
+    run.add_argument("--logprobs-distribution", choices=_choices(SamplingOptions, "logprobs_distribution"),
+                     default=_default(SamplingOptions, "logprobs_distribution"),
+                     help="raw: logprobs under the model's own distribution (default); masked: under the distribution "
+                          "a schema's grammar leaves, renormalised over the tokens it allows")
     run.add_argument("--label-field", metavar="PROPERTY",
                      help="for rows whose schema makes this answer property an enum: label_probs (each allowed "
                           "value's probability where the answer names it) and label_confidence")

@@ -33,13 +33,14 @@ Device = Literal["auto", "cpu", "cuda"]  # auto: the GPU for the triton backend 
 Float32Mode = Literal["auto", "ieee", "bf16"]  # see engine.precision
 ReasoningEffort = Literal["low", "medium", "high"]
 Runner = Literal["local", "ray"]
+LogprobsDistribution = Literal["raw", "masked"]
 
 # Engine and pipeline settings that change a job's results (batching changes the float sums).
 OUTPUT_SETTINGS = ("batch_tokens", "max_batch_rows", "dtype", "backend", "fp32_matmul")
 IDENTITY_KEYS = {"response_schema": "schema"}
 # Settings added since outputs were first written: at these defaults they stay out of the identity,
 # so a job that does not use them keeps its key (and resumes its earlier output).
-ADDED_SETTINGS = {"top_logprobs": 0, "label_field": None}
+ADDED_SETTINGS = {"top_logprobs": 0, "logprobs_distribution": "raw", "label_field": None}
 # Fields whose flag is not ``--`` + the field name with dashes.
 FLAG_NAMES = {"storage": "--storage-options", "response_schema": "--schema", "prefix_sharing": "--no-prefix-sharing"}
 
@@ -85,6 +86,7 @@ class SamplingOptions(_Settings):
     keep_token_ids: bool = False
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)  # per generated token, the K most likely alternatives
+    logprobs_distribution: LogprobsDistribution = "raw"  # raw: the model's own; masked: renormalised over what a grammar allows
     # An enum property of the answer whose every allowed value is scored (label_probs, label_confidence).
     label_field: str | None = None
 

@@ -197,6 +197,7 @@ class ShardInferencer:
             constraint=constraint,
             logprobs=self.settings.logprobs or any(r.logprobs or r.top_logprobs for r in rows),
             top_logprobs=[r.top_logprobs for r in rows],
+            masked_logprobs=self.settings.logprobs_distribution == "masked",
             prefill_groups=groups,
             slots=slots,
             shared_prefixes=list(prefixes),

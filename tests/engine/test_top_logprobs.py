@@ -109,3 +109,24 @@ def test_top_logprobs_are_checked(checkpoint):
     model, _ = checkpoint
     with pytest.raises(ValueError, match="top_logprobs"):
         generate(model, _prompts(), [SamplingParams(max_tokens=2)] * 3, [], top_logprobs=[1, 2])
+
+
+def test_masked_distribution_is_the_raw_one_renormalised_over_the_allowed_tokens(checkpoint):
+    model, hf = checkpoint
+    prompts = _prompts()
+    allowed = [17, 4242, 90001]
+    params = [SamplingParams(max_tokens=NEW_TOKENS)] * len(prompts)
+    completions, _ = generate(model, prompts, params, [], constraint=_OnlyTokens(allowed), logprobs=True,
+                              top_logprobs=5, masked_logprobs=True)
+    for prompt, completion in zip(prompts, completions):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + completion.token_ids])).logits[0].float()
+        steps = logits[len(prompt) - 1 : len(prompt) + NEW_TOKENS - 1]
+        renormalised = torch.log_softmax(steps[:, allowed], -1)  # over the allowed tokens only
+        for position, alternatives in enumerate(completion.top_logprobs):
+            assert len(alternatives) == len(allowed)  # K=5, but only three tokens are allowed: no -inf entries
+            expected = {t: float(renormalised[position, n]) for n, t in enumerate(allowed)}
+            assert {t for t, _ in alternatives} == set(allowed)
+            assert all(abs(v - expected[t]) <= 1e-3 for t, v in alternatives)
+            token = completion.token_ids[position]
+            assert abs(completion.logprobs[position] - expected[token]) <= 1e-3

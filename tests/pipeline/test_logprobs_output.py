@@ -106,3 +106,18 @@ def test_batch_logprobs_round_trip_through_the_openai_sdk(tiny_model_dir, tmp_pa
 
     plain = ChatCompletion.model_validate(lines["plain"]["response"]["body"])
     assert plain.choices[0].logprobs is None and rows["plain"]["answer_logprobs"] is None
+
+
+def test_masked_distribution_under_a_grammar(tiny_model_dir, tmp_path):
+    """--logprobs-distribution masked: greedy under the grammar picks the masked distribution's most
+    likely token, and each logprob is at least its raw one (renormalised over fewer tokens)."""
+    rows = [{"id": "a", "prompt": "Is it?", "schema": SCHEMA}]
+    raw = _run(tiny_model_dir, tmp_path, rows, output="raw", top_logprobs=3, max_reasoning_tokens=4)
+    masked = _run(tiny_model_dir, tmp_path, rows, output="masked", top_logprobs=3, max_reasoning_tokens=4,
+                  logprobs_distribution="masked")
+    (r,), (m,) = pq.read_table(raw / "data").to_pylist(), pq.read_table(masked / "data").to_pylist()
+    assert r["output_token_ids"] == m["output_token_ids"]  # the mask decides the tokens either way
+    assert all(alts[0]["token_id"] == t for t, alts in zip(m["output_token_ids"], m["output_top_logprobs"]))
+    assert any(alts[0]["token_id"] != t for t, alts in zip(r["output_token_ids"], r["output_top_logprobs"]))
+    assert all(lm >= lr - 1e-5 for lm, lr in zip(m["output_logprobs"], r["output_logprobs"]))
+    assert any(lm > lr + 1e-3 for lm, lr in zip(m["output_logprobs"], r["output_logprobs"]))
