@@ -121,3 +121,17 @@ def test_masked_distribution_under_a_grammar(tiny_model_dir, tmp_path):
     assert any(alts[0]["token_id"] != t for t, alts in zip(r["output_token_ids"], r["output_top_logprobs"]))
     assert all(lm >= lr - 1e-5 for lm, lr in zip(m["output_logprobs"], r["output_logprobs"]))
     assert any(lm > lr + 1e-3 for lm, lr in zip(m["output_logprobs"], r["output_logprobs"]))
+
+
+def test_the_new_settings_are_checked_and_keep_earlier_job_keys():
+    from ossbatch.pipeline.storage import InputError
+
+    with pytest.raises(InputError) as err:
+        JobOptions.from_flags({"top_logprobs": 21})
+    assert str(err.value).startswith("--top-logprobs: ") and "less than or equal to 20" in str(err.value)
+    with pytest.raises(InputError, match="--logprobs-distribution: "):
+        JobOptions.from_flags({"logprobs_distribution": "softmax"})
+    # At their defaults they stay out of the identity: a job that does not use them resumes its output.
+    assert not {"top_logprobs", "logprobs_distribution", "label_field"} & set(JobOptions().identity())
+    changed = JobOptions(top_logprobs=3, label_field="label", logprobs_distribution="masked").identity()
+    assert (changed["top_logprobs"], changed["label_field"], changed["logprobs_distribution"]) == (3, "label", "masked")
