@@ -57,8 +57,14 @@ def _score_chunk(model: Transformer, requests: list[ScoreRequest], max_tokens: i
     tokens = torch.tensor([t for c in contexts for t in c], dtype=torch.int64)
     positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
     step = Step.build(torch.repeat_interleave(torch.arange(len(requests)), lengths), positions, lengths, len(requests))
-    first = torch.log_softmax(model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1), dim=-1)
-    scores = [[float(first[n, c[0]]) for c in r.candidates] for n, r in enumerate(requests)]
+    logits = model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
+    rows = torch.tensor([n for n, r in enumerate(requests) for _ in r.candidates], device=logits.device)
+    firsts = torch.tensor([c[0] for r in requests for c in r.candidates], device=logits.device)
+    picked = (logits[rows, firsts] - torch.logsumexp(logits, dim=-1)[rows]).tolist()  # one copy to the host
+    scores, at = [], 0
+    for r in requests:
+        scores.append(picked[at : at + len(r.candidates)])
+        at += len(r.candidates)
 
     # Candidates of two or more tokens: their later tokens, scored with the context as a prefix.
     longer = [(n, i, c) for n, r in enumerate(requests) for i, c in enumerate(r.candidates) if len(c) > 1]
@@ -92,5 +98,5 @@ def _score_tails(model: Transformer, rows: list[tuple[int, int, list[int]]], con
     logits = model.forward(tokens, step, cache, torch.arange(tokens.numel()))
     targets = torch.tensor([t for _, _, c in rows for t in c[1:]], dtype=torch.int64, device=logits.device)
     picked = (logits.gather(1, targets[:, None]).flatten() - torch.logsumexp(logits, dim=-1)).cpu()
-    for (n, i, _), tail in zip(rows, torch.split(picked, own.tolist())):
-        scores[n][i] += float(tail.double().sum())
+    for (n, i, _), tail in zip(rows, torch.split(picked.double(), own.tolist())):
+        scores[n][i] += float(tail.sum())
