@@ -27,7 +27,7 @@ def test_jsonl_and_gzip_read_the_same_requests(tmp_path):
         "id": "r00000", "messages": [{"role": "user", "content": "question number 0"}], "instructions": None,
         "reasoning_effort": None, "max_tokens": None, "temperature": None, "top_p": None, "seed": None,
         "max_reasoning_tokens": None, "schema": None, "request_kind": "row", "passthrough": {"meta": 0},
-        "error": None,
+        "error": None, "logprobs": None, "top_logprobs": None,
     }
 
 
