@@ -30,9 +30,10 @@ demo: $(VENV)
 	$(OSSBATCH) run --model demo/model --input examples/prompts.jsonl --output demo/out --max-tokens 48 --temperature 0 --overwrite
 	$(OSSBATCH) inspect demo/out
 	# The same rows under a JSON Schema: the grammar makes even a random model answer validly.
-	$(OSSBATCH) run --model demo/model --input examples/prompts.jsonl --output demo/out-schema --schema examples/sentiment.schema.json --max-reasoning-tokens 16 --max-tokens 96 --orchestrator none --overwrite --quiet
+	$(OSSBATCH) run --model demo/model --input examples/prompts.jsonl --output demo/out-schema --schema examples/sentiment.schema.json --label-field label --max-reasoning-tokens 16 --max-tokens 96 --orchestrator none --overwrite --quiet
 	$(OSSBATCH) inspect demo/out-schema
-	$(PY) -c "import polars as pl; print(pl.read_parquet('demo/out-schema/data').select('id', 'status', 'output_json', 'schema_valid', 'completion_tokens'))"
+	# label_confidence: the probability of the answer's label among the schema's labels (a random model is unsure).
+	$(PY) -c "import polars as pl; print(pl.read_parquet('demo/out-schema/data').select('id', 'status', 'output_json', 'schema_valid', 'label_confidence', 'completion_tokens'))"
 
 test: $(VENV)
 	$(PY) -m pytest -q

@@ -50,6 +50,8 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] | None = None
     cached_prompt_tokens: int = 0  # prompt tokens read from a shared prefix, not computed for this row
+    # Per generated token, the row's K most likely (token id, logprob) under the raw distribution.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,16 @@ class Forward:
 class Outputs:
     """What each row has generated so far, and why it finished."""
 
-    def __init__(self, rows: int, max_tokens: int, logprobs: bool):
+    def __init__(self, rows: int, max_tokens: int, logprobs: bool, top_logprobs: list[int] | None = None,
+                 masked: bool = False):
         self.tokens = torch.zeros(rows, max_tokens, dtype=torch.int64)
         self.logprobs = torch.zeros(rows, max_tokens, dtype=torch.float32) if logprobs else None
+        # Top-K alternatives: every row records the largest K asked, each row keeps its own K.
+        self.masked = masked  # logprobs under the constraint's masked distribution, not the raw one
+        self.top_k = top_logprobs or [0] * rows
+        self.top = max(self.top_k, default=0)
+        self.top_ids = torch.zeros(rows, max_tokens, self.top, dtype=torch.int64) if self.top else None
+        self.top_values = torch.zeros(rows, max_tokens, self.top, dtype=torch.float32) if self.top else None
         self.count = torch.zeros(rows, dtype=torch.int64)
         self.last_token = torch.zeros(rows, dtype=torch.int64)
         self.finish = [""] * rows
@@ -243,27 +252,43 @@ class Outputs:
                 finish_reason=self.finish[row],
                 logprobs=self.logprobs[row, :n].tolist() if self.logprobs is not None else None,
                 cached_prompt_tokens=cached_prompt_tokens[row],
+                top_logprobs=self._top(row, n),
             )
             for row, n in enumerate(self.count.tolist())
         ]
+
+    def _top(self, row: int, n: int) -> list[list[tuple[int, float]]] | None:
+        k = self.top_k[row]
+        if not k:
+            return None
+        ids, values = self.top_ids[row, :n, :k].tolist(), self.top_values[row, :n, :k].tolist()
+        # Under a mask, fewer than K tokens may be allowed: the forbidden ones (-inf) are left out.
+        return [[(t, x) for t, x in zip(i, v) if x != float("-inf")] for i, v in zip(ids, values)]
 
 
 def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSettings, outputs: Outputs, stops: torch.Tensor,
                     constraint: TokenConstraint | None, masked_buffer: torch.Tensor | None) -> torch.Tensor:
     """Samples a token for each `live` row from its logits (masked by the constraint), records it
-    (with its logprob under the unmasked distribution) and returns which rows ended."""
+    (with its logprob, and its top alternatives, under the unmasked distribution, or the masked one
+    renormalised when `outputs.masked`) and returns which rows ended."""
     raw = logits  # the model's distribution, before any mask
-    log_normalizer = torch.logsumexp(raw, dim=-1) if outputs.logprobs is not None else None
     logits = adjust_logits(logits, live, settings.presence, settings.frequency, settings.bias, outputs.tokens, outputs.count)
     if constraint is not None:
         logits = masked_buffer[: live.numel()].copy_(logits)
         constraint.apply(logits, live.tolist())
+    scored = logits if outputs.masked else raw  # the distribution the logprobs are recorded under
+    log_normalizer = torch.logsumexp(scored, dim=-1) if outputs.logprobs is not None or outputs.top else None
+    if outputs.top:
+        values, ids = scored.topk(outputs.top, dim=-1)
+        top_values, top_ids = (values - log_normalizer[:, None]).cpu(), ids.cpu()
     count = outputs.count[live]
     on_device = lambda t: t.to(logits.device)  # noqa: E731
     next_tokens = sample(logits, on_device(settings.temperature[live]), on_device(settings.top_p[live]),
                          on_device(settings.seeds[live]), on_device(count))
     if outputs.logprobs is not None:
-        outputs.logprobs[live, count] = (raw.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
+        outputs.logprobs[live, count] = (scored.gather(1, next_tokens[:, None]).flatten() - log_normalizer).cpu()
+    if outputs.top:
+        outputs.top_values[live, count], outputs.top_ids[live, count] = top_values, top_ids
     next_tokens = next_tokens.cpu()
     outputs.tokens[live, count] = next_tokens
     outputs.last_token[live] = next_tokens
@@ -290,6 +315,8 @@ def generate(
     slots: int | None = None,
     shared_prefixes: list[SharedPrefix] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    top_logprobs: int | list[int] = 0,
+    masked_logprobs: bool = False,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -306,6 +333,11 @@ def generate(
     prefix is prefilled once and stored once, and its rows compute only the
     rest of their prompts. A prefix is used up to one token short of its
     shortest row's prompt (a row's last prompt token gives its first logits).
+
+    `top_logprobs` (one K for every row, or a K per row) records, per generated token, the K most
+    likely token ids and their logprobs under the model's raw distribution (as `logprobs`: before
+    any constraint's mask, at temperature 1); with `masked_logprobs`, both are under the constraint's
+    masked distribution instead (renormalised over the allowed tokens, still at temperature 1).
 
     `on_step(rows_finished, tokens)`, if given, hears after every step how many rows stopped and
     how many tokens were generated in it (for live progress).
@@ -330,7 +362,10 @@ def generate(
     model.ensure_positions(unshared_len)
     forward = Forward(model, slots, int((prompt_len - torch.tensor(cached) + settings.max_tokens).max()), prefixes)
     scheduler = SlotScheduler([row for g in groups for row in g], batch, slots)
-    outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs)
+    top_k = [top_logprobs] * batch if isinstance(top_logprobs, int) else list(top_logprobs)
+    if len(top_k) != batch or any(k < 0 or k > model.config.vocab_size for k in top_k):
+        raise ValueError(f"top_logprobs must be one K, or a K per row, from 0 to the vocabulary size; got {top_logprobs}")
+    outputs = Outputs(batch, int(settings.max_tokens.max()), logprobs, top_k, masked_logprobs)
     stats = GenerationStats(prompt_tokens=int(prompt_len.sum()))
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
     masked_buffer = torch.empty_like(forward.logits) if constraint is not None else None

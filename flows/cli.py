@@ -18,6 +18,7 @@ Every job command (run, label, synth, eval) takes --orchestrator prefect|none an
 import argparse
 import difflib
 import json
+import math
 import re
 import sys
 import typing
@@ -106,6 +107,18 @@ def _positive_int(flag: str):
 
 def _positive_float(flag: str):
     return _positive(flag, float, "a number", "a positive number")
+
+
+def _probability(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a probability from 0 to 1, got {text!r}")
+        return value
+    return parse
 
 
 def _read_json_file(flag: str, path: str):
@@ -228,9 +241,10 @@ def cmd_label(args) -> int:
     _preflight(args.model, args.input, args.storage, {"--gold-column": args.gold_column} if args.gold_column else None)
     summary = _nightly(args, "label")(args.model, args.input, args.output, labels, gold_column=args.gold_column,
                                       label_field=args.label_field, name=args.name, options=_job_options(args),
-                                      quiet=args.quiet)
+                                      quiet=args.quiet, min_confidence=args.min_confidence)
     if not args.quiet:
-        print(f"{summary['labeled']} of {summary['rows']} rows labeled -> {summary['labels']}")
+        abstained = f", {summary['abstained']} abstained" if args.min_confidence is not None else ""
+        print(f"{summary['labeled']} of {summary['rows']} rows labeled{abstained} -> {summary['labels']}")
         if summary["confusion"]:
             print(f"confusion table -> {summary['confusion']}")
         print(summary["table"])
@@ -428,6 +442,16 @@ def build_parser() -> Parser:
     run.add_argument("--schema", help="a JSON Schema file every row's final answer must follow")
     run.add_argument("--keep-token-ids", action="store_true", help="add prompt_token_ids and output_token_ids columns")
     run.add_argument("--logprobs", action="store_true", help="add output_logprobs: each generated token's log-probability")
+    run.add_argument("--logprobs-distribution", choices=_choices(SamplingOptions, "logprobs_distribution"),
+                     default=_default(SamplingOptions, "logprobs_distribution"),
+                     help="raw: logprobs under the model's own distribution (default); masked: under the distribution "
+                          "a schema's grammar leaves, renormalised over the tokens it allows")
+    run.add_argument("--label-field", metavar="PROPERTY",
+                     help="for rows whose schema makes this answer property an enum: label_probs (each allowed "
+                          "value's probability where the answer names it) and label_confidence")
+    run.add_argument("--top-logprobs", type=int, default=_default(SamplingOptions, "top_logprobs"), metavar="K",
+                     help="add output_top_logprobs: each generated token's K (0 to 20) most likely tokens, under the "
+                          "model's raw distribution (a row's top_logprobs overrides it)")
     run.set_defaults(func=cmd_run)
 
     derived = "output root: job/ holds the batch job, {what} beside it; {{date}} becomes the run's date"
@@ -445,6 +469,9 @@ def build_parser() -> Parser:
     given.add_argument("--labels-file", help="a JSON file: a list of labels, or a JSON Schema with a label property")
     label.add_argument("--label-field", default="label", help="the answer's property that holds the label")
     label.add_argument("--gold-column", help="input column with the true label: adds correct and a confusion table")
+    label.add_argument("--min-confidence", type=_probability("--min-confidence"), metavar="P",
+                       help="leave label null where the answer's label_confidence is below P (0 to 1; the probabilities "
+                            "stay): abstentions get their own confusion-table column and accuracy counts the rest")
     label.add_argument("--name", help="name of the job's Prefect artifact (default: the input's file name)")
     label.set_defaults(func=cmd_label)
 

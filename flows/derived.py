@@ -86,14 +86,15 @@ def report_link(path: str) -> str:
 
 
 def write_labels(manifest: dict, root: str, storage: Storage, field: str, gold_column: str | None,
-                 order: list[str]) -> dict:
-    """labels.parquet (every row plus ``label``, and ``correct`` with a gold column) and
-    confusion.parquet (gold, label, rows)."""
+                 order: list[str], min_confidence: float | None = None) -> dict:
+    """labels.parquet (every row plus ``label``, ``label_probs`` and ``label_confidence``, and
+    ``correct`` with a gold column; ``abstained`` with ``min_confidence``) and confusion.parquet
+    (gold, label, abstained, rows)."""
     counts = Counter()
     with parquet_sink(join(root, "labels.parquet"), storage, manifest["job_key"]) as write:
         for table in part_tables(manifest, storage):
             gold = _require_column(table.schema, gold_column, "--gold-column") if gold_column else None
-            labeled, part_counts = grading.label_columns(table, field, gold)
+            labeled, part_counts = grading.label_columns(table, field, gold, min_confidence)
             write(labeled)
             counts.update(part_counts)
     if gold_column:
@@ -102,24 +103,30 @@ def write_labels(manifest: dict, root: str, storage: Storage, field: str, gold_c
         text = grading.format_confusion(counts, order)
     else:
         text = grading.format_label_counts(counts, order)
-    labeled_rows = sum(n for (_, label), n in counts.items() if label is not None)
-    return {"rows": sum(counts.values()), "labeled": labeled_rows, "table": text,
+    labeled_rows = sum(n for (_, label), n in counts.items() if label not in (None, grading.ABSTAINED))
+    abstained = sum(n for (_, label), n in counts.items() if label == grading.ABSTAINED)
+    return {"rows": sum(counts.values()), "labeled": labeled_rows, "abstained": abstained, "table": text,
             "agreement": sum(n for (g, p), n in counts.items() if g is not None and g == p) if gold_column else None}
 
 
 def label(orchestration: Orchestration, model: str, inputs: list[str], output: str, labels: list[str] | dict,
           gold_column: str | None = None, label_field: str = grading.LABEL_FIELD, name: str | None = None,
-          options: JobOptions = JobOptions(), quiet: bool = False) -> dict:
-    """Bulk classification (see flows.nightly.label_job)."""
+          options: JobOptions = JobOptions(), quiet: bool = False, min_confidence: float | None = None) -> dict:
+    """Bulk classification (see flows.nightly.label_job). Every label's probability is scored
+    (label_probs, label_confidence); with ``min_confidence``, rows below it are left unlabeled."""
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise InputError(f"--min-confidence must be a probability from 0 to 1, got {min_confidence}")
     root = resolve_output(output, orchestration.run_date())
     schema = grading.label_schema(labels, label_field)
     if gold_column:
         check_columns(inputs, options.storage, {"--gold-column": gold_column})
+    options = options.replaced(label_field=label_field)
     manifest = orchestration.batch(derived_job(model, inputs, root, options, schema), quiet)
     summary = orchestration.step(write_labels, manifest, root, options.storage, label_field, gold_column,
-                                 grading.label_names(schema, label_field))
+                                 grading.label_names(schema, label_field), min_confidence)
     report = orchestration.step(write_report, root, options.storage)
-    orchestration.log(f"{summary['labeled']} of {summary['rows']} rows labeled\n{summary['table']}")
+    orchestration.log(f"{summary['labeled']} of {summary['rows']} rows labeled"
+                      + (f", {summary['abstained']} abstained" if min_confidence is not None else "") + f"\n{summary['table']}")
     orchestration.markdown(
         f"# Labels of `{root}`\n\n{summary['labeled']} of {summary['rows']} rows labeled; {report_link(report)}.\n\n"
         f"```\n{summary['table']}\n```",
@@ -169,20 +176,31 @@ def grade(manifest: dict, root: str, storage: Storage, grading_rule: str, gold_c
     """graded.parquet (rows plus predicted, gold_answer, correct) and summary.parquet (accuracy per category)."""
     counts: dict = {}
     unanswered = 0
+    calibration = grading.Calibration()
     with parquet_sink(join(root, "graded.parquet"), storage, manifest["job_key"]) as write:
         for table in part_tables(manifest, storage):
             gold = _require_column(table.schema, gold_column, "--gold-column")
             category = column_named(table.schema, category_column) if category_column else None
             graded, part_counts = grading.grade_columns(table, grading_rule, gold, answer_field, choices, category)
+            calibration.add(graded, category)
             unanswered += graded.column("predicted").null_count
             write(graded)
             for key, (rows, correct) in part_counts.items():
                 tally = counts.setdefault(key, [0, 0])
                 tally[0] += rows
                 tally[1] += correct
-    rows = grading.accuracy_rows(counts or {grading.ALL: [0, 0]})
-    write_table(join(root, "summary.parquet"), pa.Table.from_pylist(rows), storage, manifest["job_key"])
-    return {"categories": rows, "unanswered": unanswered}
+    rows = [row | calibration.summary(row["category"]) for row in grading.accuracy_rows(counts or {grading.ALL: [0, 0]})]
+    write_table(join(root, "summary.parquet"), pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), storage,
+                manifest["job_key"])
+    reliability = calibration.reliability()
+    if reliability:
+        write_table(join(root, "reliability.parquet"), pa.Table.from_pylist(reliability), storage, manifest["job_key"])
+    return {"categories": rows, "unanswered": unanswered, "reliability": reliability}
+
+
+SUMMARY_SCHEMA = pa.schema([("category", pa.string()), ("n", pa.int64()), ("correct", pa.int64()),
+                            ("accuracy", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+                            ("calibrated_n", pa.int64()), ("ece", pa.float64()), ("brier", pa.float64())])
 
 
 def default_history(root: str, name: str) -> str:
@@ -201,6 +219,15 @@ def record_history(history: str, storage: Storage, entry: dict) -> dict | None:
     return previous
 
 
+def _calibration_deltas(now: dict, before: dict | None) -> dict:
+    """delta_ece and delta_brier against the previous run (lower is better: negative is an improvement)."""
+    def delta(metric: str):
+        old = (before or {}).get(metric)
+        return now.get(metric) - old if old is not None and now.get(metric) is not None else None
+
+    return {"delta_ece": delta("ece"), "delta_brier": delta("brier")}
+
+
 def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output: str, gold_column: str = "answer",
              grading_rule: str = "choice", answer_field: str = grading.ANSWER_FIELD, choices: str = "ABCD",
              category_column: str | None = "category", name: str | None = None, history: str | None = None,
@@ -216,6 +243,8 @@ def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output
     if answer_schema is None:
         answer_schema = (grading.choice_schema(choices, answer_field) if grading_rule == "choice"
                          else grading.exact_schema(answer_field))
+    if grading_rule == "choice":  # every choice's probability, for calibration (choice_probs)
+        options = options.replaced(label_field=answer_field)
     manifest = orchestration.batch(derived_job(model, inputs, root, options, answer_schema), quiet)
     graded = orchestration.step(grade, manifest, root, options.storage, grading_rule, gold_column, answer_field,
                                 choices, category_column)
@@ -228,7 +257,10 @@ def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output
         "model": {k: manifest["model"].get(k) for k in ("path", "content_hash")},
         "grading": grading_rule,
         "accuracy": graded["categories"][0]["accuracy"],
+        "ece": graded["categories"][0]["ece"],
+        "brier": graded["categories"][0]["brier"],
         "categories": graded["categories"],
+        "reliability": graded["reliability"],
         "unanswered": graded["unanswered"],
         "tokens": {k: manifest["tokens"][k] for k in ("prompt", "reasoning", "output", "completion")},
         "cost": manifest.get("cost") or job_cost(manifest, options.cost),
@@ -236,10 +268,13 @@ def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output
     }
     previous = orchestration.step(record_history, history, options.storage,
                                   {k: summary[k] for k in ("eval", "output", "job_key", "finished_at", "model",
-                                                           "accuracy", "categories", "tokens", "cost")})
-    summary["previous"] = ({k: previous.get(k) for k in ("output", "finished_at", "accuracy", "model")}
+                                                           "accuracy", "ece", "brier", "categories", "tokens", "cost")})
+    summary["previous"] = ({k: previous.get(k) for k in ("output", "finished_at", "accuracy", "ece", "brier", "model")}
                            if previous else None)
     summary["delta_accuracy"] = summary["accuracy"] - previous["accuracy"] if previous else None
+    summary |= _calibration_deltas(summary, previous)
+    earlier = {c.get("category"): c for c in (previous or {}).get("categories") or []}
+    summary["categories"] = [c | _calibration_deltas(c, earlier.get(c["category"])) for c in summary["categories"]]
     options.storage.write_json(join(root, "eval.json"), summary)
     report_path = orchestration.step(write_report, root, options.storage)
     report = grading.eval_markdown(summary)
@@ -249,4 +284,5 @@ def evaluate(orchestration: Orchestration, model: str, inputs: list[str], output
                         description=f"accuracy per category, eval {name}")
     orchestration.log(report)
     return summary | {"report": report, "report_html": report_path, "graded": join(root, "graded.parquet"),
-                      "summary": join(root, "summary.parquet"), "job": manifest["output"]["uri"]}
+                      "summary": join(root, "summary.parquet"), "job": manifest["output"]["uri"],
+                      "reliability_table": join(root, "reliability.parquet") if graded["reliability"] else None}

@@ -18,6 +18,8 @@ from ossbatch.pipeline.storage import InputError
 LABEL_FIELD = "label"
 ANSWER_FIELD = "answer"
 NO_LABEL = "(none)"
+ABSTAINED = "(abstained)"  # a label count's key (and the confusion table's column) for rows left unlabeled below --min-confidence
+CALIBRATION_BINS = 10
 ALL = "(all)"
 Z_95 = 1.959963984540054
 GRADING_RULES = ("choice", "exact")
@@ -128,17 +130,28 @@ def normalize_exact(value) -> str | None:
 # --------------------------------------------------------------------------- tables
 
 
-def label_columns(table: pa.Table, field: str, gold_column: str | None) -> tuple[pa.Table, Counter]:
+def label_columns(table: pa.Table, field: str, gold_column: str | None,
+                  min_confidence: float | None = None) -> tuple[pa.Table, Counter]:
     """``table`` with a ``label`` column (null when the row has none) and, with a gold column,
-    ``correct``; plus the (gold, label) counts of its rows."""
+    ``correct``; plus the (gold, label) counts of its rows. With ``min_confidence``, a label whose
+    ``label_confidence`` is below it is left null (its probabilities stay), the row is marked
+    ``abstained`` and counted under ABSTAINED."""
     labels = [as_text(answer_field(j, v, field)) for j, v in
               zip(table.column("output_json").to_pylist(), table.column("schema_valid").to_pylist())]
     golds = [as_text(g) for g in table.column(gold_column).to_pylist()] if gold_column else [None] * len(labels)
+    abstained = [False] * len(labels)
+    if min_confidence is not None:
+        confidence = (table.column("label_confidence").to_pylist() if "label_confidence" in table.column_names
+                      else [None] * len(labels))
+        abstained = [label is not None and c is not None and c < min_confidence for label, c in zip(labels, confidence)]
+        labels = [None if a else label for label, a in zip(labels, abstained)]
     table = set_column(table, "label", pa.array(labels, pa.string()))
+    if min_confidence is not None:
+        table = set_column(table, "abstained", pa.array(abstained, pa.bool_()))
     if gold_column:
         correct = [g is not None and g == label for g, label in zip(golds, labels)]
         table = set_column(table, "correct", pa.array(correct, pa.bool_()))
-    return table, Counter(zip(golds, labels))
+    return table, Counter((g, ABSTAINED if a else label) for g, label, a in zip(golds, labels, abstained))
 
 
 def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -152,29 +165,38 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def confusion_table(counts: Counter) -> pa.Table:
-    """(gold, label, rows) for every pair seen; a null label is a row without one."""
+    """(gold, label, abstained, rows) for every pair seen; a null label is a row without one
+    (``abstained`` when it was left unlabeled below --min-confidence)."""
     pairs = sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))
     return pa.table({
         "gold": pa.array([g for (g, _), _ in pairs], pa.string()),
-        "label": pa.array([p for (_, p), _ in pairs], pa.string()),
+        "label": pa.array([None if p == ABSTAINED else p for (_, p), _ in pairs], pa.string()),
+        "abstained": pa.array([p == ABSTAINED for (_, p), _ in pairs], pa.bool_()),
         "rows": pa.array([n for _, n in pairs], pa.int64()),
     })
 
 
 def format_confusion(counts: Counter, order: list[str] | None = None) -> str:
-    """Gold labels down, predicted labels across; the diagonal is agreement."""
+    """Gold labels down, predicted labels across; the diagonal is agreement. Abstentions (below
+    --min-confidence) have their own column, and the accuracy on the rows not abstained follows."""
     golds = _ordered({g for g, _ in counts}, order)
-    labels = _ordered({p for _, p in counts} | set(order or []), order)  # every label a column, even unused
-    heads = ["gold \\ label", *(p if p is not None else NO_LABEL for p in labels), "total"]
+    labels = _ordered({p for _, p in counts if p != ABSTAINED} | set(order or []), order)  # every label a column, even unused
+    abstained = sum(n for (_, p), n in counts.items() if p == ABSTAINED)
+    columns = labels + ([ABSTAINED] if abstained else [])
+    heads = ["gold \\ label", *(p if p is not None else NO_LABEL for p in columns), "total"]
     rows = []
     for g in golds:
-        cells = [counts.get((g, p), 0) for p in labels]
+        cells = [counts.get((g, p), 0) for p in columns]
         rows.append([g if g is not None else NO_LABEL, *map(str, cells), str(sum(cells))])
     total = sum(counts.values())
     agree = sum(n for (g, p), n in counts.items() if g is not None and g == p)
     widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [heads, *rows]]
     lines.append(f"agreement {agree}/{total}" + (f" ({100 * agree / total:.1f}%)" if total else ""))
+    if abstained:
+        answered = total - abstained
+        lines.append(f"abstained {abstained}/{total} ({100 * abstained / total:.1f}%); accuracy on the rest {agree}/{answered}"
+                     + (f" ({100 * agree / answered:.1f}%)" if answered else ""))
     return "\n".join(lines)
 
 
@@ -221,7 +243,69 @@ def grade_columns(table: pa.Table, rule: str, gold_column: str, field: str = ANS
     for name, values, kind in (("predicted", predicted, pa.string()), ("gold_answer", gold, pa.string()),
                                ("correct", correct, pa.bool_())):
         table = set_column(table, name, pa.array(values, kind))
+    if rule == "choice" and "label_probs" in table.column_names:  # the engine scored every choice (--label-field)
+        probs = [dict(p) if p is not None else None for p in table.column("label_probs").to_pylist()]
+        table = set_column(table, "choice_probs", pa.array(probs, pa.map_(pa.string(), pa.float64())))
     return table, counts
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class Calibration:
+    """Calibration of the choice probabilities against correctness, gathered over parts per category:
+    expected calibration error (ECE: the rows-weighted gap between mean confidence and accuracy over
+    CALIBRATION_BINS equal-width confidence bins), the multi-class Brier score (mean over rows of
+    sum_k (p_k - [k is gold])^2; 0 is perfect, 2 the worst), and the reliability table. A row's
+    confidence is the probability of the choice it predicted; rows without probabilities (no answer,
+    an error) are left out and counted as such."""
+
+    def __init__(self):
+        self.rows: dict = {}  # category -> list of (confidence, correct, brier)
+
+    def add(self, graded: pa.Table, category_column: str | None) -> None:
+        if "choice_probs" not in graded.column_names:
+            return
+        categories = graded.column(category_column).to_pylist() if category_column else [None] * graded.num_rows
+        for probs, predicted, gold, correct, category in zip(
+                graded.column("choice_probs").to_pylist(), graded.column("predicted").to_pylist(),
+                graded.column("gold_answer").to_pylist(), graded.column("correct").to_pylist(), categories):
+            if probs is None or predicted is None:
+                continue
+            probs = dict(probs)
+            if predicted not in probs:
+                continue
+            brier = sum((p - (choice == gold)) ** 2 for choice, p in probs.items())
+            for key in (ALL, as_text(category)) if category_column else (ALL,):
+                key = NO_LABEL if key is None else key  # as accuracy_rows names the category
+                self.rows.setdefault(key, []).append((probs[predicted], bool(correct), brier))
+
+    def summary(self, key) -> dict:
+        """ece, brier and calibrated_n of one category (None without scored rows)."""
+        rows = self.rows.get(key, [])
+        if not rows:
+            return {"calibrated_n": 0, "ece": None, "brier": None}
+        bins = reliability_bins(rows)
+        ece = sum(b["n"] * abs(b["mean_confidence"] - b["accuracy"]) for b in bins if b["n"]) / len(rows)
+        return {"calibrated_n": len(rows), "ece": ece, "brier": sum(r[2] for r in rows) / len(rows)}
+
+    def reliability(self) -> list[dict]:
+        """category, bin, low, high, n, mean_confidence, accuracy: every category's 10 bins."""
+        keys = [ALL] + sorted((k for k in self.rows if k != ALL), key=lambda k: (k == NO_LABEL, str(k)))
+        return [{"category": key, **b} for key in keys if key in self.rows for b in reliability_bins(self.rows[key])]
+
+
+def reliability_bins(rows: list[tuple[float, bool, float]], bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Equal-width confidence bins [i/bins, (i+1)/bins) (the last closed): rows, mean confidence, accuracy."""
+    tallies = [[0, 0.0, 0] for _ in range(bins)]
+    for confidence, correct, _ in rows:
+        tally = tallies[min(int(confidence * bins), bins - 1)]
+        tally[0] += 1
+        tally[1] += confidence
+        tally[2] += correct
+    return [{"bin": i, "low": i / bins, "high": (i + 1) / bins, "n": n,
+             "mean_confidence": total / n if n else None, "accuracy": right / n if n else None}
+            for i, (n, total, right) in enumerate(tallies)]
 
 
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -280,6 +364,7 @@ def eval_markdown(summary: dict) -> str:
     for row in summary["categories"]:
         lines.append(f"| {row['category']} | {row['n']} | {row['correct']} | {_pct(row['accuracy'])} | "
                      f"{_pct(row['ci_low'])} to {_pct(row['ci_high'])} |")
+    lines += calibration_markdown(summary)
     tokens, cost = summary["tokens"], summary["cost"]
     lines += [
         "",
@@ -290,3 +375,32 @@ def eval_markdown(summary: dict) -> str:
         f"Model: `{summary['model'].get('path')}` {summary['model'].get('content_hash') or ''}; output: `{summary['output']}`.",
     ]
     return "\n".join(lines)
+
+
+def _number(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def calibration_markdown(summary: dict) -> list[str]:
+    """ECE, Brier score (with their change since the previous run) per category, and the overall
+    reliability table; nothing when the eval has no choice probabilities."""
+    categories = [c for c in summary["categories"] if c.get("calibrated_n")]
+    if not categories:
+        return []
+    overall = summary["categories"][0]
+    delta = ""
+    if summary.get("delta_ece") is not None:
+        delta = f" Change since the previous run: ECE {summary['delta_ece']:+.3f}, Brier {summary['delta_brier']:+.3f}."
+    lines = ["", f"Calibration of the choice probabilities ({overall.get('calibrated_n', 0)} rows scored): "
+                 f"ECE {_number(overall.get('ece'))}, Brier score {_number(overall.get('brier'))} (lower is better).{delta}",
+             "", "| category | scored | ECE | Brier | Δ ECE | Δ Brier |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c['category']} | {c['calibrated_n']} | {_number(c['ece'])} | {_number(c['brier'])} | "
+              f"{_signed(c.get('delta_ece'))} | {_signed(c.get('delta_brier'))} |" for c in categories]
+    lines += ["", "| confidence | rows | mean confidence | accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {_number(b['mean_confidence'])} | {_number(b['accuracy'])} |"
+              for b in summary.get("reliability") or [] if b["category"] == ALL]
+    return lines

@@ -66,13 +66,14 @@ class PrefectOrchestration:
 @flow(name="label", log_prints=True)
 def label_job(model: str, inputs: list[str], output: str, labels: list[str] | dict, gold_column: str | None = None,
               label_field: str = grading.LABEL_FIELD, name: str | None = None,
-              options: JobOptions = JobOptions(), quiet: bool = False, progress_seconds: float | None = None) -> dict:
+              options: JobOptions = JobOptions(), quiet: bool = False, progress_seconds: float | None = None,
+              min_confidence: float | None = None) -> dict:
     """Bulk classification: every row answers with one of ``labels`` (a list, or a JSON Schema
     with a ``label_field`` property).  Writes <output>/labels.parquet, with ``gold_column``
     <output>/confusion.parquet, and <output>/report.html; returns a summary with the confusion
-    (or label count) table."""
+    (or label count) table. Below ``min_confidence`` a row's label is left null (abstained)."""
     return derived.label(PrefectOrchestration(progress_seconds), model, inputs, output, labels, gold_column, label_field, name,
-                         options, quiet)
+                         options, quiet, min_confidence)
 
 
 @flow(name="synth", log_prints=True)

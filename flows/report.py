@@ -135,7 +135,9 @@ def confusion_heatmap(confusion: pa.Table) -> go.Figure:
         return "(none)" if value is None else str(value)
 
     gold = [name(g) for g in confusion.column("gold").to_pylist()]
-    label = [name(p) for p in confusion.column("label").to_pylist()]
+    abstained = (confusion.column("abstained").to_pylist() if "abstained" in confusion.column_names
+                 else [False] * confusion.num_rows)
+    label = ["(abstained)" if a else name(p) for p, a in zip(confusion.column("label").to_pylist(), abstained)]
     rows_ = confusion.column("rows").to_pylist()
     golds, labels = sorted(set(gold)), sorted(set(label) | set(gold))
     cells = [[0] * len(labels) for _ in golds]
@@ -157,6 +159,20 @@ def accuracy_chart(categories: list[dict]) -> go.Figure:
     ))
     fig.update_yaxes(title="accuracy (95% Wilson CI)", range=[0, 1], tickformat=".0%")
     return _figure(fig, "Accuracy per category")
+
+
+def reliability_chart(reliability: list[dict]) -> go.Figure:
+    """Accuracy against mean confidence in each confidence bin (overall); the diagonal is perfect calibration."""
+    bins = [b for b in reliability if b["category"] == "(all)" and b["n"]]
+    fig = go.Figure([
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"), name="calibrated"),
+        go.Scatter(x=[b["mean_confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
+                   marker=dict(size=[6 + 2 * b["n"] ** 0.5 for b in bins], color="#1d3557"), name="choices",
+                   text=[f"{b['low']:.1f}-{b['high']:.1f}: {b['n']} rows" for b in bins]),
+    ])
+    fig.update_xaxes(title="confidence (the predicted choice's probability)", range=[0, 1], tickformat=".0%")
+    fig.update_yaxes(title="accuracy", range=[0, 1], tickformat=".0%")
+    return _figure(fig, "Reliability (10 confidence bins)")
 
 
 def trend_chart(history: list[dict]) -> go.Figure:
@@ -188,6 +204,11 @@ def _facts(data: ReportData) -> list[tuple[str, str]]:
     if data.eval_summary:
         overall = data.eval_summary["categories"][0]
         facts.append(("accuracy", f"{100 * overall['accuracy']:.1f}% ({overall['correct']}/{overall['n']})"))
+        for metric, name in (("ece", "expected calibration error"), ("brier", "Brier score")):
+            if overall.get(metric) is not None:
+                delta = overall.get(f"delta_{metric}")
+                facts.append((name, f"{overall[metric]:.3f}" + (f" ({delta:+.3f} since the previous run)"
+                                                                  if delta is not None else "")))
     return facts
 
 
@@ -200,6 +221,8 @@ def charts(data: ReportData) -> list[go.Figure]:
         figures.append(confusion_heatmap(data.confusion))
     if data.eval_summary:
         figures.append(accuracy_chart(data.eval_summary["categories"]))
+        if data.eval_summary.get("reliability"):
+            figures.append(reliability_chart(data.eval_summary["reliability"]))
         if data.history:
             figures.append(trend_chart(data.history))
     return figures

@@ -41,6 +41,7 @@ from contextlib import ExitStack
 import pyarrow.parquet as pq
 
 from ossbatch.pipeline.batch_fields import RESPONSE_ECHO
+from ossbatch.pipeline.logprobs import openai_logprobs
 from ossbatch.pipeline.storage import Storage, remove
 from ossbatch.pipeline.validate import ECHO_COLUMN, BATCH_ENDPOINTS, echo_of, is_batch_line, record_id
 
@@ -83,6 +84,13 @@ def _finish_reason(row: dict) -> str:
     return reason if reason in ("length", "tool_calls") else "stop"
 
 
+def _chat_logprobs(row: dict) -> dict | None:
+    """The choice's logprobs: the answer's tokens, when the line asked (``logprobs: true``)."""
+    if row.get("answer_logprobs") is None:
+        return None
+    return {"content": openai_logprobs(row["answer_logprobs"]), "refusal": None}
+
+
 def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_key: str) -> dict:
     """A chat.completion for one row, or for the n choice rows of one line (in choice order)."""
     rows = [rows] if isinstance(rows, dict) else rows
@@ -98,7 +106,7 @@ def chat_completion_body(rows: dict | list[dict], model: str, created: int, job_
             "index": index,
             "message": _message(row),
             "finish_reason": _finish_reason(row),
-            "logprobs": None,
+            "logprobs": _chat_logprobs(row),
         } for index, row in enumerate(rows)],
         "usage": {
             "prompt_tokens": prompt,
@@ -151,7 +159,8 @@ def response_body(row: dict, model: str, created: int, job_key: str, defaults: d
             "type": "message",
             "role": "assistant",
             "status": status,
-            "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [], "logprobs": []}],
+            "content": [{"type": "output_text", "text": row.get("output_text") or "", "annotations": [],
+                         "logprobs": openai_logprobs(row.get("answer_logprobs"))}],
         })
     output += [{"id": f"fc_{_token(job_key, row['id'], 'call', str(index))}", "type": "function_call", "call_id": c["id"],
                 "name": c["name"], "arguments": c["arguments"], "status": "completed"} for index, c in enumerate(calls)]
@@ -302,7 +311,7 @@ def count_lines(results: list[dict]) -> int:
 BATCH_COLUMNS = [
     "id", "status", "finish_reason", "output_text", "reasoning_text", "error", "prompt_tokens",
     "reasoning_tokens", "output_tokens", "completion_tokens", "request_kind", "model", "cached_prompt_tokens",
-    CHOICE_COLUMN, ECHO_COLUMN, "tool_calls",
+    CHOICE_COLUMN, ECHO_COLUMN, "tool_calls", "answer_logprobs",
 ]
 
 

@@ -20,6 +20,7 @@ REFUSED = "refused"
 ACCEPTED = "accepted"  # harmless: changes nothing here, accepted (and echoed where OpenAI echoes it)
 
 MAX_STOP = 4
+RESPONSES_LOGPROBS = "message.output_text.logprobs"  # the Responses API's include for the answer's logprobs
 LOGIT_BIAS_RANGE = (-100, 100)
 PENALTY_RANGE = (-2, 2)
 
@@ -95,8 +96,8 @@ CHAT_FIELDS: dict[str, Fate] = {
     "safety_identifier": _SAFETY_ID,
     "stream": _STREAM,
     "stream_options": _STREAM_OPTIONS,
-    "logprobs": Fate(REFUSED, "false only (not yet)", _equals(False)),
-    "top_logprobs": Fate(REFUSED, "0 only (not yet)", _equals(0)),
+    "logprobs": Fate(HONOURED, "the final answer's tokens' logprobs in choices[i].logprobs.content (raw distribution)"),
+    "top_logprobs": Fate(HONOURED, "0 to 20 alternatives per answer token; needs logprobs: true"),
     "modalities": Fate(REFUSED, "text only", _equals(["text"])),
     "verbosity": Fate(REFUSED, "medium only: gpt-oss has no verbosity setting", _equals("medium")),
     "audio": Fate(REFUSED, "gpt-oss reads and writes text only"),
@@ -137,8 +138,9 @@ RESPONSES_FIELDS: dict[str, Fate] = {
     "stream": _STREAM,
     "stream_options": _STREAM_OPTIONS,
     "background": Fate(REFUSED, "false only: a batch line is answered in the batch", _equals(False)),
-    "include": Fate(REFUSED, "an empty list only (reasoning comes back as reasoning_text anyway)", _empty),
-    "top_logprobs": Fate(REFUSED, "0 only (not yet)", _equals(0)),
+    "include": Fate(HONOURED, "message.output_text.logprobs only (the answer's logprobs; reasoning comes back as "
+                              "reasoning_text anyway)", lambda v: isinstance(v, list) and set(v) <= {RESPONSES_LOGPROBS}),
+    "top_logprobs": Fate(HONOURED, "0 to 20 alternatives per answer token; needs include message.output_text.logprobs"),
     "previous_response_id": Fate(REFUSED, "no stored responses: give the whole conversation as input"),
     "conversation": Fate(REFUSED, "no stored conversations: give the whole conversation as input"),
     "prompt": Fate(REFUSED, "no stored prompt templates"),
@@ -176,7 +178,8 @@ def _check(table: dict[str, Fate], name: str, value) -> FieldError | None:
     if fate is None:
         return FieldError("unknown_parameter", name, f"body.{name}: unknown parameter; see the README's "
                                                       "table of Batch fields for what ossbatch honours")
-    if fate.fate == REFUSED and not (fate.harmless is not None and fate.harmless(value)):
+    # A refused field passes only with a value that asks for nothing; an honoured one with a value it can honour.
+    if (fate.fate == REFUSED and fate.harmless is None) or (fate.harmless is not None and not fate.harmless(value)):
         return FieldError("unsupported_parameter", name, f"body.{name}: not supported ({fate.note})")
     return None
 

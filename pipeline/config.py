@@ -33,10 +33,14 @@ Device = Literal["auto", "cpu", "cuda"]  # auto: the GPU for the triton backend 
 Float32Mode = Literal["auto", "ieee", "bf16"]  # see engine.precision
 ReasoningEffort = Literal["low", "medium", "high"]
 Runner = Literal["local", "ray"]
+LogprobsDistribution = Literal["raw", "masked"]
 
 # Engine and pipeline settings that change a job's results (batching changes the float sums).
 OUTPUT_SETTINGS = ("batch_tokens", "max_batch_rows", "dtype", "backend", "fp32_matmul")
 IDENTITY_KEYS = {"response_schema": "schema"}
+# Settings added since outputs were first written: at these defaults they stay out of the identity,
+# so a job that does not use them keeps its key (and resumes its earlier output).
+ADDED_SETTINGS = {"top_logprobs": 0, "logprobs_distribution": "raw", "label_field": None}
 # Fields whose flag is not ``--`` + the field name with dashes.
 FLAG_NAMES = {"storage": "--storage-options", "response_schema": "--schema", "prefix_sharing": "--no-prefix-sharing"}
 
@@ -81,6 +85,10 @@ class SamplingOptions(_Settings):
     response_schema: str | None = None  # JSON Schema text every row's answer follows (--schema)
     keep_token_ids: bool = False
     logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)  # per generated token, the K most likely alternatives
+    logprobs_distribution: LogprobsDistribution = "raw"  # raw: the model's own; masked: renormalised over what a grammar allows
+    # An enum property of the answer whose every allowed value is scored (label_probs, label_confidence).
+    label_field: str | None = None
 
 
 class PipelineOptions(_Settings):
@@ -154,7 +162,8 @@ class JobOptions(EngineOptions, SamplingOptions, PipelineOptions, RunnerOptions,
         sampling setting is; other settings are when named in OUTPUT_SETTINGS. (Keys as earlier
         versions wrote them, so their outputs still resume.)"""
         names = [*SamplingOptions.model_fields, *OUTPUT_SETTINGS]
-        identity = {IDENTITY_KEYS.get(name, name): getattr(self, name) for name in names}
+        identity = {IDENTITY_KEYS.get(name, name): getattr(self, name) for name in names
+                    if not (name in ADDED_SETTINGS and getattr(self, name) == ADDED_SETTINGS[name])}
         if self.served_model_name is not None:  # only when given: earlier outputs keep their identity
             identity["served_model_name"] = self.served_model_name
         return identity

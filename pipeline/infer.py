@@ -20,6 +20,7 @@ from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
+from ossbatch.pipeline.logprobs import answer_logprobs, output_top_logprobs
 from ossbatch.pipeline.parse import parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
 from ossbatch.pipeline.stops import StopStrings, cut_at_stop
@@ -60,6 +61,8 @@ class _Prepared:
     stop: list[str] | None = None  # OpenAI's stop strings, on the final answer (pipeline.stops)
     functions: frozenset[str] = frozenset()  # the request's function tools
     call_schemas: dict | None = None  # function -> parameter schema text, where the grammar constrains calls
+    top_logprobs: int = 0  # K alternatives per generated token
+    logprobs: bool = False  # the request asked for its answer's logprobs (a Batch line's logprobs / include)
 
 
 class ShardInferencer:
@@ -77,6 +80,8 @@ class ShardInferencer:
         self.batch_tokens = job.options.batch_tokens
         self.max_batch_rows = job.options.max_batch_rows
         self.prefix_sharing = job.options.prefix_sharing
+        self.label_field = job.options.label_field
+        self.label_seconds = 0.0  # engine time spent scoring labels (benchmarks read it)
         self.stops = stop_token_ids()
 
     @cached_property
@@ -147,7 +152,42 @@ class ShardInferencer:
                 except Exception as err:  # noqa: BLE001
                     results[row.index] = _error_row(request, f"parse/validation: {_describe(err)}") | {
                         "prompt_tokens": len(row.prompt), "completion_tokens": len(completion.token_ids)}
+            if self.label_field is not None:
+                self._score_labels(outcomes, results)
         return results, stats
+
+    def _score_labels(self, outcomes: list[tuple], results: list[dict]) -> None:
+        """label_probs and label_confidence of the run's rows whose schema makes --label-field an enum,
+        scored in one engine call (each row alone if that fails: then a row that fails alone is its error)."""
+        from ossbatch.pipeline.label_probs import label_enum, label_fields, score_labels, spell_labels
+
+        spelled = []
+        for row, completion, _ in outcomes:
+            labels = label_enum(row.schema, self.label_field)
+            if labels is None or completion is None or results[row.index].get("status") == "error":
+                continue
+            spelling = spell_labels(row.prompt, completion.token_ids, self.label_field, labels)
+            results[row.index] |= label_fields(spelling, None)
+            if spelling is not None:
+                spelled.append((row, spelling))
+        if not spelled:
+            return
+        started = time.perf_counter()
+        try:
+            scores = score_labels(self.model, [s for _, s in spelled])
+        except Exception:  # noqa: BLE001
+            scores = []
+            for row, spelling in spelled:
+                try:
+                    scores += score_labels(self.model, [spelling])
+                except Exception as err:  # noqa: BLE001
+                    scores.append(None)
+                    results[row.index] |= {"status": "error", "finish_reason": "error",
+                                           "error": f"label scoring: {_describe(err)}"}
+        self.label_seconds += time.perf_counter() - started
+        for (row, spelling), row_scores in zip(spelled, scores):
+            if row_scores is not None:
+                results[row.index] |= label_fields(spelling, row_scores)
 
     def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
                   prefixes: list[SharedPrefix] = ()) -> list[tuple]:
@@ -160,7 +200,9 @@ class ShardInferencer:
             [r.params for r in rows],
             self.stops,
             constraint=constraint,
-            logprobs=self.settings.logprobs,
+            logprobs=self.settings.logprobs or any(r.logprobs or r.top_logprobs for r in rows),
+            top_logprobs=[r.top_logprobs for r in rows],
+            masked_logprobs=self.settings.logprobs_distribution == "masked",
             prefill_groups=groups,
             slots=slots,
             shared_prefixes=list(prefixes),
@@ -217,8 +259,10 @@ class ShardInferencer:
             frequency_penalty=float(request.get("frequency_penalty") or 0.0),
             logit_bias=_logit_bias(request.get("logit_bias"), self.model.config.vocab_size),
         )
+        top_logprobs = int(_first(request.get("top_logprobs"), s.top_logprobs))
         return _Prepared(index, prompt, params, grammar, schema, request.get("stop") or None,
-                         frozenset(t["name"] for t in tools or ()), dict(calls.functions) if calls is not None else None)
+                         frozenset(t["name"] for t in tools or ()), dict(calls.functions) if calls is not None else None,
+                         top_logprobs, bool(request.get("logprobs")))
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
         parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
@@ -256,8 +300,12 @@ class ShardInferencer:
         if self.settings.keep_token_ids:
             result["prompt_token_ids"] = row.prompt
             result["output_token_ids"] = completion.token_ids
-        if self.settings.logprobs:
+        if self.settings.logprobs or row.logprobs or row.top_logprobs:
             result["output_logprobs"] = completion.logprobs
+        if row.top_logprobs:
+            result["output_top_logprobs"] = output_top_logprobs(completion.top_logprobs)
+        if row.logprobs:
+            result["answer_logprobs"] = answer_logprobs(completion.token_ids, completion.logprobs, completion.top_logprobs)
         return result
 
 

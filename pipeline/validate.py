@@ -17,7 +17,7 @@ import re
 import jsonschema
 
 from ossbatch.pipeline.batch_fields import (
-    CHAT_ECHO, LOGIT_BIAS_RANGE, MAX_STOP, RESPONSE_ECHO, FieldError, body_error, model_error,
+    CHAT_ECHO, LOGIT_BIAS_RANGE, MAX_STOP, RESPONSE_ECHO, RESPONSES_LOGPROBS, FieldError, body_error, model_error,
 )
 from ossbatch.pipeline.harmony import TOKENIZER_VOCAB_SIZE as TOKENIZER_VOCAB  # the ids a logit_bias may name
 from ossbatch.pipeline.storage import InputError  # re-exported: callers catch pipeline.validate.InputError
@@ -38,12 +38,13 @@ __all__ = [
 REQUEST_KEYS = (
     "id", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature", "top_p",
     "seed", "max_reasoning_tokens", "schema", "stop", "logit_bias", "presence_penalty", "frequency_penalty",
-    "request_kind", "passthrough", "error", "tools", "tool_choice",
+    "request_kind", "passthrough", "error", "tools", "tool_choice", "logprobs", "top_logprobs",
 )
 # Columns a plain row consumes; every other column is passed through to the output.
 PLAIN_FIELDS = frozenset({
     "id", "prompt", "messages", "instructions", "reasoning_effort", "max_tokens", "temperature",
     "top_p", "seed", "max_reasoning_tokens", "schema", "stop", "logit_bias", "presence_penalty", "frequency_penalty",
+    "logprobs", "top_logprobs",
 })
 BATCH_FIELDS = frozenset({"id", "custom_id", "method", "url", "body"})
 BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/responses": "responses"}
@@ -499,6 +500,8 @@ def _from_row(row: dict) -> dict:
         "max_reasoning_tokens": int(row["max_reasoning_tokens"]) if "max_reasoning_tokens" in row else None,
         "schema": _schema_text(row["schema"], "schema") if "schema" in row else None,
         **_sampling(row, ("max_tokens",)),
+        "logprobs": row.get("logprobs"),
+        "top_logprobs": row.get("top_logprobs"),
     }
 
 
@@ -522,6 +525,7 @@ def _from_chat(body: dict) -> dict:
         "schema": _format_schema(fmt, "body.response_format.json_schema.schema", schema),
         **_sampling(body, ("max_completion_tokens", "max_tokens"), "body."),
         **_tools(body, "chat"),
+        **_logprob_fields(body.get("logprobs", False), body.get("top_logprobs"), "body.top_logprobs", "body.logprobs"),
     }
 
 
@@ -540,4 +544,13 @@ def _from_responses(body: dict) -> dict:
         "schema": _format_schema(fmt, "body.text.format.schema", (fmt or {}).get("schema")),
         **_sampling(body, ("max_output_tokens",), "body."),
         **_tools(body, "responses"),
+        **_logprob_fields(RESPONSES_LOGPROBS in (body.get("include") or []), body.get("top_logprobs"),
+                          "body.top_logprobs", f"body.include {RESPONSES_LOGPROBS!r}"),
     }
+
+
+def _logprob_fields(wanted: bool, top: int | None, top_path: str, wanted_path: str) -> dict:
+    """A request's ``logprobs`` (the answer's token logprobs) and ``top_logprobs`` (K alternatives)."""
+    if top and not wanted:  # as OpenAI: alternatives are part of the logprobs asked for
+        raise RowError(f"{top_path}: needs {wanted_path} (top_logprobs are given with the logprobs)", "top_logprobs")
+    return {"logprobs": bool(wanted) or None, "top_logprobs": int(top) if top is not None else None}

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 
 from ossbatch.pipeline.storage import atomic_open
 
+TOP_LOGPROB = pa.struct([pa.field("token_id", pa.int32()), pa.field("token", pa.string()),
+                         pa.field("logprob", pa.float32())])
 RESULT_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("status", pa.string()),  # ok | length | error
@@ -32,9 +34,17 @@ RESULT_FIELDS = [
     pa.field("prompt_token_ids", pa.list_(pa.int32())),
     pa.field("output_token_ids", pa.list_(pa.int32())),
     pa.field("output_logprobs", pa.list_(pa.float32())),
+    # Per generated token, its K most likely alternatives (--top-logprobs, a row's top_logprobs).
+    pa.field("output_top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
+    # The final answer's tokens (a row asking for logprobs: a Batch line's logprobs or include).
+    pa.field("answer_logprobs", pa.list_(pa.struct([*TOP_LOGPROB, pa.field("top_logprobs", pa.list_(TOP_LOGPROB))]))),
     pa.field("request_kind", pa.string()),  # row | chat | responses
     # the function calls a completion made (finish_reason "tool_calls"); arguments as JSON text
     pa.field("tool_calls", pa.list_(pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]))),
+    # With --label-field (ossbatch label, eval --grading choice): each allowed label's probability where
+    # the answer names its label, and the answer's label's (pipeline.label_probs).
+    pa.field("label_probs", pa.map_(pa.string(), pa.float64())),
+    pa.field("label_confidence", pa.float64()),
 ]
 RESULT_NAMES = frozenset(f.name for f in RESULT_FIELDS)
 STATUSES = ("ok", "length", "error")

@@ -29,6 +29,7 @@ def test_jsonl_and_gzip_read_the_same_requests(tmp_path):
         "max_reasoning_tokens": None, "schema": None, "stop": None, "logit_bias": None, "presence_penalty": None,
         "frequency_penalty": None, "request_kind": "row", "passthrough": {"meta": 0},
         "error": None, "tools": None, "tool_choice": None,
+        "logprobs": None, "top_logprobs": None,
     }
 
 

@@ -72,7 +72,7 @@ def test_plain_row_normalization():
         "temperature": 0.0, "top_p": 1.0, "seed": 7, "max_reasoning_tokens": 32, "schema": '{"type":"object"}',
         "stop": None, "logit_bias": None, "presence_penalty": None, "frequency_penalty": None,
         "request_kind": "row", "passthrough": {"source": "crawl", "custom_id": "kept", "top_k": None}, "error": None,
-        "tools": None, "tool_choice": None,
+        "tools": None, "tool_choice": None, "logprobs": None, "top_logprobs": None,
     }
 
 

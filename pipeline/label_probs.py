@@ -1,0 +1,138 @@
+"""Label probabilities: how likely the model found each allowed label where its answer names one.
+
+For a row whose schema makes the label property (``label_field``) an enum of strings, the answer's
+tokens are cut where the label's value starts, and every allowed label is spelled there as the
+answer would spell it: the JSON text from the last token boundary before the value (``":"`` often
+carries the value's opening quote), the label as a JSON string, and the answer's text up to the
+next token boundary after the value (the closing quote often rides with ``}`` or ``,``). Each
+spelling's tokens are scored by the engine given everything before them (prompt, reasoning and
+the answer so far), and the scores are normalised over the allowed labels (a softmax of the summed
+logprobs). The distribution is the model's raw one, as for ``output_logprobs``: no temperature,
+no grammar mask (the grammar only allows these labels, so normalising over them is its mask).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ossbatch.engine.score import ScoreRequest, score_continuations
+from ossbatch.pipeline.logprobs import encode_text, final_content_spans, token_bytes
+
+
+@dataclass(frozen=True)
+class LabelSpelling:
+    """A row's scoring request: the tokens before the label, and each label's tokens from there."""
+
+    context: list[int]
+    labels: list[str]
+    candidates: list[list[int]]
+    chosen: str  # the label the answer names
+
+
+@lru_cache(maxsize=256)
+def _enum_of(schema_text: str, field: str) -> tuple[str, ...] | None:
+    try:
+        schema = json.loads(schema_text)
+    except ValueError:
+        return None
+    prop = schema.get("properties", {}).get(field) if isinstance(schema, dict) else None
+    values = prop.get("enum") if isinstance(prop, dict) else None
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        return None
+    return tuple(dict.fromkeys(values))
+
+
+def label_enum(schema_text: str | None, field: str | None) -> list[str] | None:
+    """The allowed labels: ``field``'s enum of strings in the schema, or None."""
+    if schema_text is None or field is None:
+        return None
+    labels = _enum_of(schema_text, field)
+    return list(labels) if labels else None
+
+
+def value_span(text: str, field: str) -> tuple[int, int] | None:
+    """[start, stop) of the JSON text of top-level ``field``'s value in a JSON object text."""
+    decoder = json.JSONDecoder()
+    i = _skip(text, 0)
+    if i >= len(text) or text[i] != "{":
+        return None
+    i = _skip(text, i + 1)
+    while i < len(text) and text[i] == '"':
+        try:
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = _skip(text, i)
+            if i >= len(text) or text[i] != ":":
+                return None
+            start = _skip(text, i + 1)
+            _, stop = decoder.raw_decode(text, start)
+        except ValueError:
+            return None
+        if key == field:
+            return start, stop
+        i = _skip(text, stop)
+        if i < len(text) and text[i] == ",":
+            i = _skip(text, i + 1)
+    return None
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def spell_labels(prompt: list[int], token_ids: list[int], field: str, labels: list[str]) -> LabelSpelling | None:
+    """Where the answer names its label, each label's tokens and the context before them; None
+    when the answer has no string value for ``field`` (no final answer, or cut off before it)."""
+    spans = final_content_spans(token_ids)
+    if not spans:
+        return None
+    begin, end = spans[-1]
+    pieces = [token_bytes(t) for t in token_ids[begin:end]]
+    content = b"".join(pieces)
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    span = value_span(text, field)
+    if span is None or not text[span[0]] == '"':
+        return None
+    chosen = json.loads(text[span[0]:span[1]])
+    start, stop = len(text[: span[0]].encode()), len(text[: span[1]].encode())
+    boundaries, offset = [0], 0
+    for piece in pieces:
+        offset += len(piece)
+        boundaries.append(offset)
+    cut = max(n for n, b in enumerate(boundaries) if b <= start)  # tokens kept before the label
+    after = min(b for b in boundaries if b >= stop)
+    try:
+        lead, tail = content[boundaries[cut]:start].decode("utf-8"), content[stop:after].decode("utf-8")
+    except UnicodeDecodeError:  # a token boundary inside a character: no clean place to cut
+        return None
+    spelled = {label: json.dumps(label, ensure_ascii=False) for label in labels}
+    spelled[chosen] = text[span[0]:span[1]]  # as the answer wrote it
+    candidates = [encode_text(lead + spelled[label] + tail) for label in labels]
+    return LabelSpelling(prompt + token_ids[: begin + cut], labels, candidates, chosen)
+
+
+def normalised(scores: list[float]) -> list[float]:
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def label_fields(spelling: LabelSpelling | None, scores: list[float] | None) -> dict:
+    """A row's ``label_probs`` (label -> probability) and ``label_confidence`` (the answer's label's)."""
+    if spelling is None or scores is None:
+        return {"label_probs": None, "label_confidence": None}
+    probs = dict(zip(spelling.labels, normalised(scores)))
+    return {"label_probs": probs, "label_confidence": probs.get(spelling.chosen)}
+
+
+def score_labels(model, spellings: list[LabelSpelling]) -> list[list[float]]:
+    """Each spelling's labels' summed logprobs, in one batched engine call."""
+    return score_continuations(model, [ScoreRequest(s.context, s.candidates) for s in spellings])
