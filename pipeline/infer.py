@@ -259,12 +259,16 @@ class ShardInferencer:
             frequency_penalty=float(request.get("frequency_penalty") or 0.0),
             logit_bias=_logit_bias(request.get("logit_bias"), self.model.config.vocab_size),
         )
-        top_logprobs = int(_first(request.get("top_logprobs"), s.top_logprobs))
-        return _Prepared(index, prompt, params, grammar, schema, request.get("stop") or None,
-                         frozenset(t["name"] for t in tools or ()), dict(calls.functions) if calls is not None else None,
-                         top_logprobs, bool(request.get("logprobs")))
+        return _Prepared(index, prompt, params, grammar, schema,
+                         stop=request.get("stop") or None,
+                         functions=frozenset(t["name"] for t in tools or ()),
+                         call_schemas=dict(calls.functions) if calls is not None else None,
+                         top_logprobs=int(_first(request.get("top_logprobs"), s.top_logprobs)),
+                         logprobs=bool(request.get("logprobs")))
 
     def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
+        from ossbatch.pipeline.answer import answer_fields, validate_answer  # re2 and jsonschema: only once rows run
+
         parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
         result = _base_row(request) | {
             "status": parsed.status,
@@ -287,15 +291,11 @@ class ShardInferencer:
             result |= {"status": "error", "finish_reason": "error", "error": constraint_error}
         # A parameter schema llguidance enforces only leniently (uniqueItems, ...) may let a call slip.
         for call in parsed.tool_calls if row.call_schemas and result["status"] == "ok" else ():
-            from ossbatch.pipeline.answer import validate_answer
-
             schema_text = row.call_schemas.get(call["name"])
             if schema_text is not None and validate_answer(call["arguments"], schema_text)[1] is not True:
                 result |= {"status": "error", "finish_reason": "error",
                            "error": f"tool call {call['name']}: arguments do not match the function's parameters"}
         if row.schema is not None and not parsed.tool_calls:  # a call is no answer to check
-            from ossbatch.pipeline.answer import answer_fields
-
             result |= answer_fields(result["output_text"] or "", row.schema)
         if self.settings.keep_token_ids:
             result["prompt_token_ids"] = row.prompt
