@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bench_model_dir, prompts_text, table
+from common import bench_model_dir, matmul_peak_gflops, prompts_text, table
 
 from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 from ossbatch.pipeline.config import Job, JobOptions
@@ -93,7 +93,8 @@ def main() -> None:
         return
     plain = next(r for r in results if r["mode"] == "plain")
     print(f"{args.rows} labeling rows, max {args.max_tokens} tokens, greedy; best of {args.repeats}"
-          + (" (TINY MODEL: a proof that it runs, not a measurement)" if args.tiny else ""))
+          + (" (TINY MODEL: a proof that it runs, not a measurement)" if args.tiny else "")
+          + f"; float32 matmul peak in this run: {matmul_peak_gflops():.0f} GFLOP/s (IEEE)")
     print(table(["mode", "tokens", "engine s", "of which label scoring s", "engine vs plain", "stage wall s", "wall vs plain"],
                 [[r["mode"], r["tokens"], f"{r['engine']:.2f}", f"{r['label']:.2f}",
                   f"{100 * (r['engine'] / plain['engine'] - 1):+.1f}%", f"{r['wall']:.2f}",
