@@ -113,7 +113,22 @@ def check_held(fs, work: str, generation: int, token: str) -> None:
 
 
 def _create_exclusive(fs, path: str, data: bytes) -> bool:
-    """True when this call created ``path``; False when it already existed."""
+    """True when this call created ``path`` with ``data``; False when it already existed. Another
+    run never sees the file without its content: locally it is written aside and hard-linked into
+    place (link(2) is atomic and fails on an existing name; O_EXCL would show an empty file to a
+    run reading it between create and write); an S3 conditional put is atomic by itself."""
+    if protocol_of(fs.unstrip_protocol(path)) in LOCAL_PROTOCOLS:
+        local = fs._strip_protocol(path)
+        aside = os.path.join(os.path.dirname(local), f".{os.path.basename(local)}.{uuid.uuid4().hex}.tmp")
+        with open(aside, "xb") as f:
+            f.write(data)
+        try:
+            os.link(aside, local)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(aside)
+        return True
     try:
         with fs.open(path, "xb") as f:
             f.write(data)

@@ -66,3 +66,17 @@ def test_a_renewed_lease_outlives_its_ttl(tmp_path):
             acquire(fs, work)
         lease.check()
     assert current_holder(fs, work) is None
+
+
+def test_a_lease_file_appears_whole_or_not_at_all(tmp_path):
+    """Locally the file is written aside and linked into place: a racing run reading the newest
+    lease never finds it empty (with O_EXCL it could, between create and write), and no file is left aside."""
+    from ossbatch.pipeline.lease import _create_exclusive
+
+    fs, work = LOCAL.filesystem(str(tmp_path / "out"))
+    fs.makedirs(work, exist_ok=True)
+    path = f"{work}/_lease-000001.json"
+    assert _create_exclusive(fs, path, b'{"first": 1}') is True
+    assert _create_exclusive(fs, path, b'{"second": 2}') is False
+    assert fs.cat_file(path) == b'{"first": 1}'
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_lease-000001.json"]
