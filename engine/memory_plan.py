@@ -240,3 +240,52 @@ def parse_bytes(text, flag: str = "--gpu-memory") -> int:
     if unit not in _UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"{flag}: cannot read {text!r} as a size; use e.g. 80GiB, 80GB, 81920MiB or a byte count")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """How a CPU job's anonymous memory budget (--memory-budget) is spent: what the process holds
+    once the model is loaded (libraries, tokenizer, weights copied out of the mapping), the batch's
+    buffers at their largest (sized from --batch-tokens and --max-batch-rows), and the expert
+    cache, which gets what is left up to its cap. The memory-mapped weights are file-backed and not
+    part of it."""
+
+    budget_bytes: int
+    in_use_bytes: int  # the process's anonymous memory with the model loaded, its expert cache aside
+    kv_bytes: int  # a full batch's KV cache: batch_tokens positions in every layer
+    logits_bytes: int  # max_batch_rows float32 logits, and their masked copy under a constraint
+    activation_bytes: int  # one layer's activations for batch_tokens prefill tokens
+    unpack_bytes: int  # one expert being unpacked: int32 codes and values
+    expert_cache_bytes: int
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """How far the budget is below what the job needs without any expert cache (0: it fits)."""
+        return max(self.in_use_bytes + self.reserve_bytes - self.budget_bytes, 0)
+
+
+def plan_host_memory(config: ModelConfig, budget_bytes: int, in_use_bytes: int, batch_tokens: int, max_batch_rows: int,
+                     dtype_bytes: int, expert_cache_cap: int) -> HostBudget:
+    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    hidden, inter = config.hidden_size, config.intermediate_size
+    activations = batch_tokens * activation_bytes_per_token(config) * max(dtype_bytes, BF16) // BF16
+    unpack = 2 * inter * hidden * 2 + 3 * inter * hidden * dtype_bytes  # w1's int32 codes; w1 and w2 values
+    partial = HostBudget(budget_bytes, in_use_bytes, batch_tokens * kv_per_token, 2 * max_batch_rows * config.vocab_size * 4,
+                         activations, unpack, 0)
+    room = budget_bytes - in_use_bytes - partial.reserve_bytes
+    return HostBudget(**{**partial.__dict__, "expert_cache_bytes": max(min(room, expert_cache_cap), 0)})
+
+
+def format_host_budget(plan: HostBudget) -> str:
+    rows = [("memory budget (anonymous)", plan.budget_bytes), ("  in use with the model loaded", plan.in_use_bytes),
+            ("  KV cache, a full batch", plan.kv_bytes), ("  logits buffers", plan.logits_bytes),
+            ("  prefill activations", plan.activation_bytes), ("  unpacking one expert", plan.unpack_bytes),
+            ("  expert cache", plan.expert_cache_bytes)]
+    text = "\n".join(f"{label:<32} {_size(size):>12}" for label, size in rows)
+    if plan.shortfall_bytes:
+        text += f"\nthe budget is {_size(plan.shortfall_bytes)} short of what the batch needs: lower --batch-tokens or --max-batch-rows"
+    return text

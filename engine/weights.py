@@ -13,7 +13,7 @@ one is reported with its file and name.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -52,6 +52,25 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     unembedding: torch.Tensor  # [V, H]
+    # Storages that are the checkpoint's own memory mapping (file-backed pages), not copies.
+    mapped_storages: frozenset = field(default=frozenset(), repr=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        layer_tensors = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
+        return [self.embedding, self.final_norm, self.unembedding, *layer_tensors]
+
+    def host_bytes(self) -> dict[str, int]:
+        """Bytes of the weights used in place from the checkpoint's mapping ("mapped": file-backed,
+        the kernel may drop and re-read them) and copied out of it ("copied": anonymous memory,
+        converted to the compute dtype or fused)."""
+        out = {"mapped": 0, "copied": 0}
+        seen = set()
+        for t in self.tensors():
+            if t.device.type != "cpu" or (t.data_ptr(), t.numel()) in seen:
+                continue
+            seen.add((t.data_ptr(), t.numel()))
+            out["mapped" if t.untyped_storage().data_ptr() in self.mapped_storages else "copied"] += t.numel() * t.element_size()
+        return out
 
     def to(self, device) -> "ModelWeights":
         """The same weights on `device` (a no-op on the CPU, where they stay memory-mapped)."""
@@ -194,10 +213,16 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
     else:
         files, name_of = _TensorFiles.open_dir(folder), hf_to_original_names(config)
 
+    mapped = set()
+
+    def in_place(t: torch.Tensor) -> torch.Tensor:
+        mapped.add(t.untyped_storage().data_ptr())
+        return t
+
     def tensor(hf_name: str, convert: bool = True) -> torch.Tensor:
         shape, kind = specs[hf_name]
-        t = files.get(name_of.get(hf_name, hf_name) if name_of else hf_name, shape, kind)
-        return t.to(dtype) if convert and kind != U8 else t
+        t = in_place(files.get(name_of.get(hf_name, hf_name) if name_of else hf_name, shape, kind))
+        return t.to(dtype) if convert and kind != U8 else t  # no copy when the dtype is already `dtype`
 
     def qkv(n: int, part: str) -> torch.Tensor:
         if name_of is None:
@@ -205,7 +230,7 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
             return torch.cat([tensor(p + f"{x}_proj.{part}") for x in "qkv"])
         rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
         shape = (rows, config.hidden_size) if part == "weight" else (rows,)
-        return files.get(f"block.{n}.attn.qkv.{part}", shape).to(dtype)
+        return in_place(files.get(f"block.{n}.attn.qkv.{part}", shape)).to(dtype)
 
     layers = []
     for n in range(config.num_hidden_layers):
@@ -235,6 +260,7 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
         layers=layers,
         final_norm=tensor("model.norm.weight"),
         unembedding=tensor("lm_head.weight"),
+        mapped_storages=frozenset(mapped),
     )
 
 

@@ -100,6 +100,19 @@ def _positive(flag: str, kind: type, noun: str, positive: str):
     return parse
 
 
+def _size_flag(flag: str):
+    """An argparse type: a size such as 4GiB, 512MB or a byte count."""
+    def parse(text: str) -> int:
+        from ossbatch.engine.memory_plan import parse_bytes
+
+        try:
+            return parse_bytes(text, flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 def _positive_int(flag: str):
     return _positive(flag, int, "an integer", "positive")
 
@@ -347,6 +360,9 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--fp32-matmul", choices=_choices(engine, "fp32_matmul"), default=_default(engine, "fp32_matmul"),
                    help="float32 CPU matmuls: auto uses oneDNN's bf16 mode (~2.5x faster) where a start-up probe shows it "
                         "keeps float32-level error, else ieee; bf16 forces it")
+    p.add_argument("--memory-budget", type=_size_flag("--memory-budget"), default=_default(engine, "memory_budget"),
+                   help="anonymous host memory the job may use besides the memory-mapped weights (e.g. 4GiB); sizes the "
+                        "expert cache (default: what the machine or its memory cgroup leaves)")
     p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=_default(pipeline, "shard_rows"),
                    help="rows per shard: the unit that is committed, resumed and retried")
     p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=_default(pipeline, "batch_tokens"),

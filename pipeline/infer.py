@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 import torch
 
 from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
+from ossbatch.engine.host_memory import fit_expert_cache
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
@@ -76,7 +77,11 @@ class ShardInferencer:
 
     @cached_property
     def model(self) -> Transformer:
-        return load_engine(self.engine)
+        model = load_engine(self.engine)
+        # The expert cache gets what --memory-budget leaves after this job's batch buffers.
+        self.host_budget = fit_expert_cache(model, self.engine.memory_budget, self.batch_tokens, self.max_batch_rows,
+                                            self.engine.expert_cache_bytes)
+        return model
 
     @property
     def context(self) -> int:
