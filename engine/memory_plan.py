@@ -242,6 +242,13 @@ def parse_bytes(text, flag: str = "--gpu-memory") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+# What a CPU process's anonymous memory grows by once it generates, besides the buffers counted
+# below: oneDNN's primitive cache (a compiled kernel per matmul shape: every expert's row count
+# is a new shape) and small-allocation heap growth. Measured at 100-150 MiB on the 8-layer,
+# 32-expert test model (tests/test_memory_budget.py), ~30 MiB at 20b widths.
+RUNTIME_GROWTH_BYTES = 192 << 20
+
+
 @dataclass(frozen=True)
 class HostBudget:
     """How a CPU job's anonymous memory budget (--memory-budget) is spent: what the process holds
@@ -257,10 +264,11 @@ class HostBudget:
     activation_bytes: int  # one layer's activations for batch_tokens prefill tokens
     unpack_bytes: int  # one expert being unpacked: int32 codes and values
     expert_cache_bytes: int
+    runtime_bytes: int = RUNTIME_GROWTH_BYTES
 
     @property
     def reserve_bytes(self) -> int:
-        return self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes
+        return self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes + self.runtime_bytes
 
     @property
     def shortfall_bytes(self) -> int:
@@ -284,6 +292,7 @@ def format_host_budget(plan: HostBudget) -> str:
     rows = [("memory budget (anonymous)", plan.budget_bytes), ("  in use with the model loaded", plan.in_use_bytes),
             ("  KV cache, a full batch", plan.kv_bytes), ("  logits buffers", plan.logits_bytes),
             ("  prefill activations", plan.activation_bytes), ("  unpacking one expert", plan.unpack_bytes),
+            ("  runtime growth (oneDNN, heap)", plan.runtime_bytes),
             ("  expert cache", plan.expert_cache_bytes)]
     text = "\n".join(f"{label:<32} {_size(size):>12}" for label, size in rows)
     if plan.shortfall_bytes:
