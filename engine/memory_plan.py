@@ -227,6 +227,45 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(f"{label:<{width}}  {value:>14}" for label, value in rows)
 
 
+def rows_by_context(config: ModelConfig, gpu_memory_bytes: int, shared_prefix_tokens: int = 0, dtype_bytes: int = 2,
+                    contexts: list[int] | None = None, **options) -> list[tuple[int, MemoryPlan, MemoryPlan]]:
+    """For each context (default: powers of two from 1024 to the model's context), the plans with
+    every layer stored by position and with a ring buffer for the windowed layers: how many rows
+    fit on one GPU, the shared prefix's KV counted once."""
+    if contexts is None:
+        contexts, n = [], 1024
+        while n <= config.max_position_embeddings:
+            contexts.append(n)
+            n *= 2
+    out = []
+    for context in contexts:
+        if context <= shared_prefix_tokens:
+            continue
+        by_position = plan_memory(config, gpu_memory_bytes, context, dtype_bytes, shared_prefix_tokens=shared_prefix_tokens, **options)
+        ring = plan_memory(config, gpu_memory_bytes, context, dtype_bytes, ring_buffer_windowed_layers=True,
+                           shared_prefix_tokens=shared_prefix_tokens, **options)
+        out.append((context, by_position, ring))
+    return out
+
+
+def format_rows_by_context(rows: list[tuple[int, MemoryPlan, MemoryPlan]]) -> str:
+    if not rows:
+        return ""
+    first = rows[0][1]
+    shared = first.shared_prefix_tokens
+    headers = ["context", "rows that fit", "rows, ring buffer for windowed layers"]
+    if shared:
+        headers += [f"without sharing the {shared}-token prefix", "ring buffer, without sharing"]
+    lines = [f"Rows that fit on {_size(first.gpu_memory_bytes)} by context (each row holds up to the context; "
+             + (f"the shared {shared}-token prefix's KV held once):" if shared else "no shared prefix):")]
+    table = [headers] + [[str(context), str(plan.max_batch), str(ring.max_batch)]
+                         + ([str(plan.max_batch_unshared), str(ring.max_batch_unshared)] if shared else [])
+                         for context, plan, ring in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 

@@ -299,14 +299,17 @@ def cmd_deploy(args) -> int:
 
 def cmd_plan(args) -> int:
     from ossbatch.engine.config import read_config
-    from ossbatch.engine.memory_plan import format_plan, parse_bytes, plan_memory
+    from ossbatch.engine.memory_plan import format_plan, format_rows_by_context, parse_bytes, plan_memory, rows_by_context
 
     config = read_config(args.model)
     try:
-        plan = plan_memory(config, parse_bytes(args.gpu_memory), args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
+        gpu = parse_bytes(args.gpu_memory)
+        plan = plan_memory(config, gpu, args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
     except ValueError as err:
         raise InputError(str(err)) from None
     print(format_plan(plan))
+    print()
+    print(format_rows_by_context(rows_by_context(config, gpu, args.shared_prefix_tokens)))
     return 0
 
 
