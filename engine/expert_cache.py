@@ -2,6 +2,8 @@
 
 from collections import OrderedDict
 
+from ossbatch.engine.host_memory import mapped_allocations
+
 
 def _nbytes(entry) -> int:
     return sum(t.numel() * t.element_size() for t in entry)
@@ -40,7 +42,8 @@ class ExpertCache:
             self._entries.move_to_end(key)
             return entry
         self.misses += 1
-        entry = unpack()
+        with mapped_allocations():  # a kept expert must not pin the heap around unpacking's temporaries
+            entry = unpack()
         size = _nbytes(entry)
         if size <= self.budget_bytes:
             self._evict_to(self.budget_bytes - size)

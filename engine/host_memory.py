@@ -4,34 +4,58 @@ and glibc's allocator told to hand large blocks back.
 
 Why the allocator matters: glibc raises its mmap threshold each time a large block is freed (up
 to 32 MiB), after which blocks of that size come from the heap. Unpacking MXFP4 experts allocates
-and frees tens of MiB at a time between cached experts, so the heap fragments and is never given
-back: on 20b shapes that was most of the anonymous memory beyond the weights (issue 16). A fixed
-threshold keeps every block of 1 MiB or more its own mapping, returned to the kernel on free.
+and frees tens of MiB at a time between the experts the cache keeps, so the kept ones pin the heap
+around freed temporaries and it is never given back: on 20b shapes that was most of the anonymous
+memory beyond the weights (issue 16). Unpacking runs inside `mapped_allocations`, where every
+block of 1 MiB or more is its own mapping. (A 1 MiB threshold everywhere did the same but made
+per-step temporaries, e.g. [32, 201088] softmax, ~1.5x slower in page faults.)
 """
 
 import ctypes
 import ctypes.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-LARGE_ALLOCATION_BYTES = 1 << 20
+MAPPED_BLOCK_BYTES = 1 << 20  # inside `mapped_allocations`: blocks this large get their own mapping
+HEAP_BLOCK_LIMIT = 32 << 20  # elsewhere: glibc's own ceiling for its moving threshold, fixed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_allocator_set = False
+_mallopt = None
 
 
-def release_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
-    """Tell glibc's malloc to map (and so unmap on free) every block of `threshold` bytes or more,
-    and to trim the heap's top above it. False where the C library is not glibc."""
-    global _allocator_set
-    if _allocator_set:
-        return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+def _glibc_mallopt():
+    global _mallopt
+    if _mallopt is None:
+        try:
+            _mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _mallopt = False
+    return _mallopt
+
+
+def release_large_allocations() -> bool:
+    """Fix glibc's mmap threshold at its usual ceiling (32 MiB), so that `mapped_allocations` can
+    lower it and raise it back; per-step temporaries below it keep coming from the heap, as they
+    did once the moving threshold had risen. False where the C library is not glibc."""
+    mallopt = _glibc_mallopt()
+    if not mallopt:
         return False
-    _allocator_set = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
-    return _allocator_set
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BLOCK_LIMIT))
+
+
+@contextmanager
+def mapped_allocations():
+    """Inside: every block of 1 MiB or more is its own mapping, returned to the kernel when freed.
+    For long-lived blocks made among large temporaries (an unpacked expert kept in the cache): from
+    the heap they would pin the freed temporaries around them."""
+    mallopt = _glibc_mallopt()
+    if mallopt:
+        mallopt(_M_MMAP_THRESHOLD, MAPPED_BLOCK_BYTES)
+    try:
+        yield
+    finally:
+        if mallopt:
+            mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
 
 
 def process_memory(pid: int | str = "self") -> dict[str, int]:

@@ -109,7 +109,7 @@ class Transformer:
         self.config = c = weights.config
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            release_large_allocations()  # unpacked experts' temporaries would fragment the heap (engine/host_memory.py)
+            release_large_allocations()  # so kept experts can be unpacked outside the heap (engine/host_memory.py)
         self.weights = weights = weights.to(self.device)
         self.dtype = weights.final_norm.dtype
         # Only float32 CPU matmuls have a choice of internal precision (engine/precision.py).
