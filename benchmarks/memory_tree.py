@@ -10,7 +10,6 @@ under this process's own (so the limit nests inside whatever holds us) and remov
 """
 
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +102,8 @@ class MemoryCgroup:
                 path.mkdir(exist_ok=True)
                 limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
                 (path / limit_file).write_text(str(self.limit_bytes))
-                if version == 2:
-                    (path / "memory.swap.max").write_text("0") if (path / "memory.swap.max").exists() else None
+                if version == 2 and (path / "memory.swap.max").exists():
+                    (path / "memory.swap.max").write_text("0")  # v1 here has no swap to count
             except OSError:
                 _remove(path)
                 continue

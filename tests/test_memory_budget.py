@@ -64,3 +64,22 @@ def test_a_cli_run_keeps_its_anonymous_memory_within_the_budget(job):
     assert free["peak_anonymous"] > budget + SLACK
     # The weights stayed file-backed: what was touched of them is resident as mapped pages.
     assert held["weights_mapped"] > 100 * MIB and held["peak_file"] > held["expert_cache"]
+
+
+def test_the_benchmarks_memory_cgroup_limits_its_child_and_goes_away():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_tree import MemoryCgroup, machine_has_memory_cgroups, sample_tree
+
+    if not machine_has_memory_cgroups():
+        pytest.skip("no writable memory cgroup on this machine")
+    grab = "import torch; blocks = [torch.ones(32 << 18) for _ in range({n})]"  # 32 MiB blocks, touched
+    with MemoryCgroup(256 * MIB) as cgroup:
+        assert cgroup is not None and cgroup.path.exists()
+        small = subprocess.Popen([sys.executable, "-c", grab.format(n=2)], preexec_fn=cgroup.enter)
+        peak = sample_tree(small, interval=0.01)
+        assert small.returncode == 0 and cgroup.oom_kills == 0 and peak.samples > 0
+        large = subprocess.run([sys.executable, "-c", grab.format(n=16)], preexec_fn=cgroup.enter, capture_output=True)
+        assert large.returncode != 0 and cgroup.oom_kills >= 1  # 512 MiB in a 256 MiB cgroup: killed
+        assert 0 < cgroup.max_usage <= 256 * MIB
+        path = cgroup.path
+    assert not path.exists()
