@@ -273,7 +273,7 @@ def memory_breakdown(report: dict) -> list[list]:
     return [
         ["file-backed", "weights used in place from the checkpoint's mapping", gib(report["weights_mapped"])],
         ["file-backed", "resident at the peak sample (mapped weights touched, libraries)", gib(report["peak_file"])],
-        ["anonymous", "weights copied out of the mapping (fused q/k/v, float32 sinks)", gib(report["weights_copied"])],
+        ["anonymous", "weights copied out of the mapping (q/k/v biases, float32 sinks; all under float32)", gib(report["weights_copied"])],
         ["anonymous", f"expert cache, peak (budget {gib(report['expert_cache_budget'])})", gib(report["expert_cache"])],
         ["anonymous", "KV cache, largest", gib(report["kv_cache"])],
         ["anonymous", "logits buffer, largest", gib(report["logits"])],

@@ -18,7 +18,7 @@ from ossbatch.engine.host_memory import process_memory, release_large_allocation
 from ossbatch.engine.kv_cache import KVCache
 from ossbatch.engine.precision import onednn_fp32_precision, resolve_fp32_matmul
 from ossbatch.engine.step import Step
-from ossbatch.engine.weights import LayerWeights, ModelWeights, load_weights
+from ossbatch.engine.weights import LayerWeights, ModelWeights, linear, load_weights
 from ossbatch.kernels import Ops, ops
 from ossbatch.kernels.mxfp4 import dequantize_mxfp4
 
@@ -65,7 +65,7 @@ class AttentionBlock:
         c, w = self.config, self.w
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         h = self.ops.rmsnorm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = torch.addmm(w.qkv_bias, h, w.qkv_weight.t())
+        qkv = linear(h, w.qkv_weight, w.qkv_bias)
         q = qkv[:, :q_dim].reshape(-1, c.num_attention_heads, c.head_dim)
         k = qkv[:, q_dim : q_dim + kv_dim].reshape(-1, c.num_key_value_heads, c.head_dim)
         v = qkv[:, q_dim + kv_dim :].reshape(-1, c.num_key_value_heads, c.head_dim)

@@ -49,10 +49,10 @@ def test_a_cli_run_keeps_its_anonymous_memory_within_the_budget(job):
     free = run_cli(tmp, model, "unbudgeted")
     # Without a budget the cache keeps (nearly) every expert the prompts routed to.
     assert free["expert_cache"] >= 256 * MIB
-    # bf16 on disk, bf16 compute: only q/k/v (fused into one matrix) and the float32 sinks are copies.
-    layers, heads, kv_heads, hidden = SHAPE["num_hidden_layers"], SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], SHAPE["hidden_size"]
+    # bf16 on disk, bf16 compute: only the q/k/v biases (fused) and the float32 sinks are copies.
+    layers, heads, kv_heads = SHAPE["num_hidden_layers"], SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
     qkv_rows = (heads + 2 * kv_heads) * SHAPE["head_dim"]
-    assert free["weights_copied"] == layers * (2 * qkv_rows * (hidden + 1) + 4 * heads)
+    assert free["weights_copied"] == layers * (2 * qkv_rows + 4 * heads)
 
     budget = free["peak_anonymous"] - free["expert_cache"] // 2
     held = run_cli(tmp, model, "budgeted", "--memory-budget", str(budget))

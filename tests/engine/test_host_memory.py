@@ -6,6 +6,7 @@ from ossbatch.engine import host_memory
 from ossbatch.engine.expert_cache import ExpertCache
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.tiny_model import TINY, write_random_checkpoint
+from ossbatch.engine.weights import RowBlocks, linear
 
 MIB = 1 << 20
 
@@ -60,9 +61,16 @@ def test_bf16_weights_are_used_in_place_from_the_mapping(tmp_path):
     bf16 = Transformer.from_checkpoint(path, torch.bfloat16)
     f32 = Transformer.from_checkpoint(path, torch.float32)
     c = TINY
-    qkv = c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * (c.hidden_size + 1) * 2
+    qkv_bias = c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * 2
     sinks = c.num_hidden_layers * c.num_attention_heads * 4
-    assert bf16.weights.host_bytes()["copied"] == qkv + sinks  # q/k/v fused, sinks in float32: the only copies
+    assert bf16.weights.host_bytes()["copied"] == qkv_bias + sinks  # q/k/v biases fused, sinks in float32: the only copies
+    layer = bf16.weights.layers[0]
+    assert isinstance(layer.qkv_weight, RowBlocks) and layer.qkv_weight.shape == (layer.qkv_bias.shape[0], c.hidden_size)
+    assert not isinstance(f32.weights.layers[0].qkv_weight, RowBlocks)  # converted anyway: fused in the copy
+    # q, k and v used apart give what the fused matrix gives.
+    x = torch.randn(5, c.hidden_size, dtype=torch.bfloat16)
+    fused = torch.cat(layer.qkv_weight.parts)
+    torch.testing.assert_close(linear(x, layer.qkv_weight, layer.qkv_bias), torch.addmm(layer.qkv_bias, x, fused.t()))
     assert f32.weights.host_bytes()["copied"] > 2 * c.vocab_size * c.hidden_size * 4 // 2  # float32 copies of the bf16 file
     assert sum(f32.weights.host_bytes().values()) > sum(bf16.weights.host_bytes().values())  # the copies are float32
     report = bf16.memory_report()
