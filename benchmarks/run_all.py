@@ -6,7 +6,9 @@ Targets (issue 7, and the padding target of issue 5):
 - CPU throughput: the whole `ossbatch run` (start-up included) >= 10x transformers' generate()
   tokens/s on the 4-layer, 32-expert, hidden-512 model, 32 prompts of 20-200 words, 24 new tokens;
 - model FLOPs >= 40% of this machine's measured float32 matmul peak (over the engine's time);
-- gpt-oss-20b shapes load memory-mapped and generate at peak RSS < 16 GiB (--with-20b: writes ~13 GB);
+- gpt-oss-20b shapes through `ossbatch run`, inside a 16 GiB memory cgroup, at process-tree peak RSS < 16 GiB,
+  with the memory's breakdown and tokens/s inside the limit against outside it (--with-20b: writes ~13 GB;
+  --small: the same harness on the 4-layer model in a 2 GiB cgroup, alone);
 - decode_slots <= 1.25x generated tokens on a long-tailed mix of answer lengths;
 - padded prompt slots <= 1.10x prompt tokens on 1,500 lognormal prompt lengths (bucketed vs arrival order);
 - pipeline overhead (everything but forward passes) < 5% of wall on a 20k-row job.
@@ -17,7 +19,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from common import CACHE, ROOT, bench_model_dir, matmul_peak_gflops, prompts_tex
 from engine_throughput import transformers_generate
 
 from ossbatch.engine.config import ModelConfig, read_config
+from ossbatch.engine.memory_plan import parse_bytes
 
 GIB = 1 << 30
 
@@ -185,32 +187,115 @@ def bench_pipeline_overhead(rows: int = 20000) -> dict:
     return {"wall": wall, "forward": seconds.get("forward passes", 0.0), "stages": seconds}
 
 
-def bench_20b_memory() -> dict:
+def checkpoint_20b() -> Path:
+    """The gpt-oss-20b-shaped random checkpoint (~13 GB), written once."""
     path = CACHE / "gpt-oss-20b-random"
     if not (path / "model.safetensors.index.json").exists():
         subprocess.run([sys.executable, "-m", "ossbatch.flows.cli", "make-tiny-model", str(path), "--preset", "gpt-oss-20b",
                         "--layers-per-shard", "4"], check=True, cwd=ROOT)
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    code = (
-        "import resource, time, torch\n"
-        "from engine.model import Transformer\n"
-        "from engine.generate import SamplingParams, generate\n"
-        f"m = Transformer.from_checkpoint({str(path)!r}, torch.bfloat16, expert_cache_bytes=1 << 30)\n"
-        "t = time.perf_counter()\n"
-        "c, s = generate(m, [[200006, 1428, 200008, 3686] * 8, [17, 42]], [SamplingParams(max_tokens=4)] * 2, [])\n"
-        "print(sum(len(x.token_ids) for x in c), time.perf_counter() - t)\n"
-    )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True).stdout.split()
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"disk_bytes": size, "peak_rss": max(peak_kib, before) * 1024, "tokens": int(out[0]), "seconds": float(out[1])}
+    return path
+
+
+def run_cli_measured(model: Path, limit: int | None, orchestrator: str, rows: int = 2, new_tokens: int = 4) -> dict:
+    """`ossbatch run` (benchmarks/cli_memory.py: the command line's own main, with the engine's
+    memory report) on `rows` short prompts, in a memory cgroup of `limit` bytes when given and the
+    machine has one; the process tree sampled from outside (the Prefect server included)."""
+    from memory_tree import MemoryCgroup, sample_tree
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, report = Path(tmp) / "rows.jsonl", Path(tmp) / "report.json"
+        inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": t}) + "\n" for i, t in enumerate(prompts_text(rows, 20, 60))))
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "cli_memory.py"), str(report), "run", "--model", str(model),
+               "--input", str(inp), "--output", str(Path(tmp) / "out"), "--max-tokens", str(new_tokens), "--temperature", "0",
+               "--dtype", "bfloat16", "--orchestrator", orchestrator, "--quiet"]
+        cgroup = MemoryCgroup(limit) if limit else None
+        inside = cgroup.__enter__() if cgroup else None
+        try:
+            started = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=inside.enter if inside else None,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            peak = sample_tree(proc, interval=0.2)
+            wall = time.perf_counter() - started
+            stderr = proc.stderr.read()
+            out = {"rc": proc.returncode, "tree": peak, "wall": wall, "limited": inside is not None,
+                   "oom_kills": inside.oom_kills if inside else 0, "cgroup_peak": inside.max_usage if inside else 0}
+        finally:
+            if cgroup:
+                cgroup.__exit__(None, None, None)
+        if proc.returncode == 0:
+            out["report"] = json.loads(report.read_text())
+            manifest = json.loads((Path(tmp) / "out" / "_manifest.json").read_text())
+            out["tokens"], out["engine_seconds"] = manifest["tokens"]["completion"], manifest.get("engine_seconds") or 0.0
+        else:
+            out["error"] = stderr[-2000:]
+    return out
+
+
+def bench_cli_memory(model: Path, limit: int, orchestrator: str) -> dict:
+    """The same `ossbatch run` inside the memory cgroup and outside it."""
+    return {"disk_bytes": sum(p.stat().st_size for p in model.glob("*.safetensors")), "limit": limit,
+            "inside": run_cli_measured(model, limit, orchestrator), "outside": run_cli_measured(model, None, orchestrator)}
+
+
+def cli_memory_rows(label: str, mem: dict) -> list[list]:
+    rows = []
+    for where in ("inside", "outside"):
+        run = mem[where]
+        place = f"in a {mem['limit'] / GIB:.0f} GiB cgroup" if where == "inside" else "no limit"
+        if where == "inside" and not run["limited"]:
+            place = "no memory cgroup on this machine: unlimited"
+        if run["rc"] != 0:
+            rows.append([f"{label}, {place}", "completes", f"exit {run['rc']} ({run['oom_kills']} OOM kills)", "FAILED"])
+            continue
+        tree, report = run["tree"], run["report"]
+        tok_s = run["tokens"] / report["seconds"]  # over the whole command, start-up included
+        engine = f", {run['tokens'] / run['engine_seconds']:.3f} in the engine" if run["engine_seconds"] else ""
+        goal = "< 16 GiB" if label.startswith("gpt-oss-20b") else f"< {mem['limit'] / GIB:.0f} GiB"
+        rows.append([f"{label}, `ossbatch run`, {place}: process tree peak RSS (sampled)", goal,
+                     f"{tree.rss / GIB:.2f} GiB = {tree.file / GIB:.2f} file-backed + {tree.anon / GIB:.2f} anonymous, "
+                     f"{tree.processes} processes; {run['tokens']} tokens at {tok_s:.3f} tok/s{engine}",
+                     f"{tree.rss / mem['limit']:.2f}"])
+        if where == "inside" and run["limited"]:
+            rows.append(["  cgroup peak charge (page cache included), OOM kills", "(info)",
+                         f"{run['cgroup_peak'] / GIB:.2f} GiB, {run['oom_kills']}", ""])
+    inside, outside = mem["inside"], mem["outside"]
+    if inside["rc"] == 0 and outside["rc"] == 0:
+        ratio = (inside["tokens"] / inside["report"]["seconds"]) / (outside["tokens"] / outside["report"]["seconds"])
+        rows.append(["  tokens/s inside the limit / outside it (whole command)", "(info)",
+                     f"{inside['report']['seconds']:.1f} s vs {outside['report']['seconds']:.1f} s", f"{ratio:.2f}"])
+    return rows
+
+
+def memory_breakdown(report: dict) -> list[list]:
+    """The engine's own account of the run's memory (Transformer.memory_report())."""
+    gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    budget = report.get("host_budget") or {}
+    return [
+        ["file-backed", "weights used in place from the checkpoint's mapping", gib(report["weights_mapped"])],
+        ["file-backed", "resident at the peak sample (mapped weights touched, libraries)", gib(report["peak_file"])],
+        ["anonymous", "weights copied out of the mapping (q/k/v biases, float32 sinks; all under float32)", gib(report["weights_copied"])],
+        ["anonymous", f"expert cache, peak (budget {gib(report['expert_cache_budget'])})", gib(report["expert_cache"])],
+        ["anonymous", "KV cache, largest", gib(report["kv_cache"])],
+        ["anonymous", "logits buffer, largest", gib(report["logits"])],
+        ["anonymous", "other at the end (Python, torch, tokenizer, Arrow, oneDNN caches)", gib(report["other"])],
+        ["anonymous", "the process, peak (sampled every 10 ms)", gib(report["peak_anonymous"])],
+        ["budget", "--memory-budget (default: machine or cgroup less the mapping)", gib(budget.get("budget_bytes", 0))],
+    ]
 
 
 def main():
     parser = argparse.ArgumentParser(description="Measure every performance target on this machine.")
     parser.add_argument("--with-20b", action="store_true", help="write (once) and run the ~13 GB gpt-oss-20b-shaped checkpoint")
     parser.add_argument("--pipeline-rows", type=int, default=20000)
+    parser.add_argument("--small", action="store_true",
+                        help="only the memory row, on the 4-layer benchmark model in a 2 GiB cgroup (proves the harness)")
+    parser.add_argument("--model", type=Path, help="the memory row's checkpoint (default: the 20b-shaped one)")
+    parser.add_argument("--memory-limit", default=None, help="the memory row's cgroup limit (default: 16GiB; --small: 2GiB)")
+    parser.add_argument("--orchestrator", choices=["prefect", "none"], default="prefect",
+                        help="the memory row's --orchestrator (default: prefect, as a user runs it: its server joins the tree)")
     args = parser.parse_args()
+    if args.small or args.model:
+        return print_memory_row(args)
 
     from ossbatch.engine.precision import bf16_mode_keeps_fp32_accuracy
 
@@ -231,10 +316,10 @@ def main():
         rows.append(["  the same / oneDNN bf16-mode float32 peak", "(info)", f"{achieved:.1f} of {fast_peak:.1f} GFLOP/s", f"{achieved / fast_peak:.0%}"])
     util_wall = cpu["flops"] / cpu["wall"] / 1e9 / peak
     rows.append(["model FLOPs / IEEE peak (whole run)", "(info)", f"{cpu['flops'] / cpu['wall'] / 1e9:.1f} GFLOP/s over {cpu['wall']:.1f} s", f"{util_wall:.0%}"])
+    mem = None
     if args.with_20b:
-        mem = bench_20b_memory()
-        rows.append(["gpt-oss-20b shapes, peak RSS (bf16, MXFP4 experts)", "< 16 GiB",
-                     f"{mem['peak_rss'] / GIB:.2f} GiB ({mem['disk_bytes'] / 1e9:.1f} GB on disk)", f"{mem['peak_rss'] / (16 * GIB):.2f}"])
+        mem = bench_cli_memory(checkpoint_20b(), parse_bytes(args.memory_limit or "16GiB"), args.orchestrator)
+        rows += cli_memory_rows(f"gpt-oss-20b shapes ({mem['disk_bytes'] / 1e9:.1f} GB, bf16)", mem)
     waste = bench_decode_waste()
     leave, refill = waste["leave"], waste["refill"]
     rows.append(["decode slots / generated tokens (long tail, 256 rows, 32 slots)", "<= 1.25",
@@ -255,9 +340,25 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32 matmul peak {peak:.1f} GFLOP/s (IEEE), {fast_peak:.1f} (oneDNN bf16 mode)")
     print(table(["target", "goal", "measured", "ratio"], rows))
+    if mem and mem["inside"]["rc"] == 0:
+        print("\nWhere the 20b run's memory went, inside the limit (the engine's report):")
+        print(table(["kind", "owner", "bytes"], memory_breakdown(mem["inside"]["report"])))
     print(f"\nWhere the {args.pipeline_rows}-row job's {pipe['wall']:.1f} s went (busy seconds per stage; threads overlap):")
     print(table(["stage", "seconds", "of wall"],
                 [[label, f"{s:.2f}", f"{s / pipe['wall']:.1%}"] for label, s in pipe["stages"].items()]))
+
+
+def print_memory_row(args) -> None:
+    model = args.model or bench_model_dir()
+    limit = parse_bytes(args.memory_limit or ("2GiB" if args.small else "16GiB"), "--memory-limit")
+    mem = bench_cli_memory(model, limit, args.orchestrator)
+    print(table(["target", "goal", "measured", "ratio"], cli_memory_rows(f"{model.name} (bf16)", mem)))
+    for where in ("inside", "outside"):
+        if mem[where]["rc"] == 0:
+            print(f"\nWhere the run's memory went, {where} the limit (the engine's report):")
+            print(table(["kind", "owner", "bytes"], memory_breakdown(mem[where]["report"])))
+        else:
+            print(f"\n{where}: exit {mem[where]['rc']}\n{mem[where].get('error', '')}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ class Forward:
         self.cache = KVCache.for_model(model.config, slots, max_len, model.dtype, model.device)
         self.kv_len = torch.zeros(slots, dtype=torch.int64)  # per slot: valid cache length after this step
         self.logits = torch.empty(slots, model.config.vocab_size, dtype=torch.float32, device=model.device)
+        model.note_buffers(kv_cache=self.cache.nbytes, logits=self.logits.nbytes)
         self.prefix_len = self.prefix_of = None  # per slot, once rows share prefixes: the prefix's length and id
         self.root = _common_root(prefixes)  # what every prefix begins with: prefilled once, stored as prefix id len(prefixes)
         if prefixes:

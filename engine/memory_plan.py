@@ -227,6 +227,45 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(f"{label:<{width}}  {value:>14}" for label, value in rows)
 
 
+def rows_by_context(config: ModelConfig, gpu_memory_bytes: int, shared_prefix_tokens: int = 0, dtype_bytes: int = 2,
+                    contexts: list[int] | None = None, **options) -> list[tuple[int, MemoryPlan, MemoryPlan]]:
+    """For each context (default: powers of two from 1024 to the model's context), the plans with
+    every layer stored by position and with a ring buffer for the windowed layers: how many rows
+    fit on one GPU, the shared prefix's KV counted once."""
+    if contexts is None:
+        contexts, n = [], 1024
+        while n <= config.max_position_embeddings:
+            contexts.append(n)
+            n *= 2
+    out = []
+    for context in contexts:
+        if context <= shared_prefix_tokens:
+            continue
+        by_position = plan_memory(config, gpu_memory_bytes, context, dtype_bytes, shared_prefix_tokens=shared_prefix_tokens, **options)
+        ring = plan_memory(config, gpu_memory_bytes, context, dtype_bytes, ring_buffer_windowed_layers=True,
+                           shared_prefix_tokens=shared_prefix_tokens, **options)
+        out.append((context, by_position, ring))
+    return out
+
+
+def format_rows_by_context(rows: list[tuple[int, MemoryPlan, MemoryPlan]]) -> str:
+    if not rows:
+        return ""
+    first = rows[0][1]
+    shared = first.shared_prefix_tokens
+    headers = ["context", "rows that fit", "rows, ring buffer for windowed layers"]
+    if shared:
+        headers += [f"without sharing the {shared}-token prefix", "ring buffer, without sharing"]
+    lines = [f"Rows that fit on {_size(first.gpu_memory_bytes)} by context (each row holds up to the context; "
+             + (f"the shared {shared}-token prefix's KV held once):" if shared else "no shared prefix):")]
+    table = [headers] + [[str(context), str(plan.max_batch), str(ring.max_batch)]
+                         + ([str(plan.max_batch_unshared), str(ring.max_batch_unshared)] if shared else [])
+                         for context, plan, ring in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -240,3 +279,61 @@ def parse_bytes(text, flag: str = "--gpu-memory") -> int:
     if unit not in _UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"{flag}: cannot read {text!r} as a size; use e.g. 80GiB, 80GB, 81920MiB or a byte count")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+# What a CPU process's anonymous memory grows by once it generates, besides the buffers counted
+# below: oneDNN's primitive cache (a compiled kernel per matmul shape: every expert's row count
+# is a new shape) and small-allocation heap growth. Measured at 100-150 MiB on the 8-layer,
+# 32-expert test model (tests/test_memory_budget.py), ~30 MiB at 20b widths.
+RUNTIME_GROWTH_BYTES = 192 << 20
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """How a CPU job's anonymous memory budget (--memory-budget) is spent: what the process holds
+    once the model is loaded (libraries, tokenizer, weights copied out of the mapping), the batch's
+    buffers at their largest (sized from --batch-tokens and --max-batch-rows), and the expert
+    cache, which gets what is left up to its cap. The memory-mapped weights are file-backed and not
+    part of it."""
+
+    budget_bytes: int
+    in_use_bytes: int  # the process's anonymous memory with the model loaded, its expert cache aside
+    kv_bytes: int  # a full batch's KV cache: batch_tokens positions in every layer
+    logits_bytes: int  # max_batch_rows float32 logits, and their masked copy under a constraint
+    activation_bytes: int  # one layer's activations for batch_tokens prefill tokens
+    unpack_bytes: int  # one expert being unpacked: int32 codes and values
+    expert_cache_bytes: int
+    runtime_bytes: int = RUNTIME_GROWTH_BYTES
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes + self.runtime_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """How far the budget is below what the job needs without any expert cache (0: it fits)."""
+        return max(self.in_use_bytes + self.reserve_bytes - self.budget_bytes, 0)
+
+
+def plan_host_memory(config: ModelConfig, budget_bytes: int, in_use_bytes: int, batch_tokens: int, max_batch_rows: int,
+                     dtype_bytes: int, expert_cache_cap: int) -> HostBudget:
+    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    hidden, inter = config.hidden_size, config.intermediate_size
+    activations = batch_tokens * activation_bytes_per_token(config) * max(dtype_bytes, BF16) // BF16
+    unpack = 2 * inter * hidden * 2 + 3 * inter * hidden * dtype_bytes  # w1's int32 codes; w1 and w2 values
+    partial = HostBudget(budget_bytes, in_use_bytes, batch_tokens * kv_per_token, 2 * max_batch_rows * config.vocab_size * 4,
+                         activations, unpack, 0)
+    room = budget_bytes - in_use_bytes - partial.reserve_bytes
+    return HostBudget(**{**partial.__dict__, "expert_cache_bytes": max(min(room, expert_cache_cap), 0)})
+
+
+def format_host_budget(plan: HostBudget) -> str:
+    rows = [("memory budget (anonymous)", plan.budget_bytes), ("  in use with the model loaded", plan.in_use_bytes),
+            ("  KV cache, a full batch", plan.kv_bytes), ("  logits buffers", plan.logits_bytes),
+            ("  prefill activations", plan.activation_bytes), ("  unpacking one expert", plan.unpack_bytes),
+            ("  runtime growth (oneDNN, heap)", plan.runtime_bytes),
+            ("  expert cache", plan.expert_cache_bytes)]
+    text = "\n".join(f"{label:<32} {_size(size):>12}" for label, size in rows)
+    if plan.shortfall_bytes:
+        text += f"\nthe budget is {_size(plan.shortfall_bytes)} short of what the batch needs: lower --batch-tokens or --max-batch-rows"
+    return text

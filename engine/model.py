@@ -14,10 +14,11 @@ import torch
 from ossbatch.engine.attend import attend
 from ossbatch.engine.config import ModelConfig
 from ossbatch.engine.expert_cache import ExpertCache
+from ossbatch.engine.host_memory import process_memory, release_large_allocations
 from ossbatch.engine.kv_cache import KVCache
 from ossbatch.engine.precision import onednn_fp32_precision, resolve_fp32_matmul
 from ossbatch.engine.step import Step
-from ossbatch.engine.weights import LayerWeights, ModelWeights, load_weights
+from ossbatch.engine.weights import LayerWeights, ModelWeights, linear, load_weights
 from ossbatch.kernels import Ops, ops
 from ossbatch.kernels.mxfp4 import dequantize_mxfp4
 
@@ -64,7 +65,7 @@ class AttentionBlock:
         c, w = self.config, self.w
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         h = self.ops.rmsnorm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = torch.addmm(w.qkv_bias, h, w.qkv_weight.t())
+        qkv = linear(h, w.qkv_weight, w.qkv_bias)
         q = qkv[:, :q_dim].reshape(-1, c.num_attention_heads, c.head_dim)
         k = qkv[:, q_dim : q_dim + kv_dim].reshape(-1, c.num_key_value_heads, c.head_dim)
         v = qkv[:, q_dim + kv_dim :].reshape(-1, c.num_key_value_heads, c.head_dim)
@@ -96,7 +97,7 @@ class MoEBlock:
         weights, experts = self.ops.route(router_logits, c.num_experts_per_tok)
         plan = self.ops.plan_routing(experts, c.num_local_experts)
         extra = {}
-        if self.experts is not None:
+        if self.experts is not None and self.experts.budget_bytes > 0:
             extra["expert_cache"] = lambda e: self._unpacked(e, x.dtype)
         y = self.ops.moe(h, weights, plan, w.w1_blocks, w.w1_scales, w.w1_bias, w.w2_blocks, w.w2_scales, w.w2_bias, c.swiglu_limit, **extra)
         return x + y
@@ -107,6 +108,8 @@ class Transformer:
                  fp32_matmul: str = "auto"):
         self.config = c = weights.config
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            release_large_allocations()  # so kept experts can be unpacked outside the heap (engine/host_memory.py)
         self.weights = weights = weights.to(self.device)
         self.dtype = weights.final_norm.dtype
         # Only float32 CPU matmuls have a choice of internal precision (engine/precision.py).
@@ -114,7 +117,8 @@ class Transformer:
         kernels = ops(backend)
         self.ops = kernels
         self.rope = RotaryEmbedding(c, max_positions, self.device)
-        experts = ExpertCache(expert_cache_bytes) if backend == "torch" and expert_cache_bytes > 0 else None
+        self.experts = experts = ExpertCache(expert_cache_bytes) if backend == "torch" else None
+        self.buffer_bytes = {"kv_cache": 0, "logits": 0}  # the largest a generate() held (engine/generate.py Forward)
         self.blocks = [
             (AttentionBlock(c, lw, n, self.rope, kernels, self.fp32_matmul != "ieee"), MoEBlock(c, lw, n, kernels, experts))
             for n, lw in enumerate(weights.layers)
@@ -123,6 +127,33 @@ class Transformer:
     @classmethod
     def from_checkpoint(cls, model_dir, dtype=torch.float32, backend="torch", expert_cache_bytes=0, device="cpu", fp32_matmul="auto") -> "Transformer":
         return cls(load_weights(model_dir, dtype), backend, expert_cache_bytes=expert_cache_bytes, device=device, fp32_matmul=fp32_matmul)
+
+    def note_buffers(self, **sizes: int) -> None:
+        for name, size in sizes.items():
+            self.buffer_bytes[name] = max(self.buffer_bytes.get(name, 0), size)
+
+    def memory_report(self) -> dict[str, int]:
+        """Where this process's memory goes, in bytes: the weights used in place from the
+        checkpoint's mapping (file-backed) and, anonymous, the weights copied out of it, the expert
+        cache (its peak and budget), the largest KV cache and logits buffer a generate() held, and
+        the rest of the process's anonymous memory now ("other": Python, torch, the tokenizer...)."""
+        weights = self.weights.host_bytes()
+        process = process_memory()
+        experts = self.experts.peak_bytes if self.experts is not None else 0
+        owned = weights["copied"] + (self.experts.used_bytes if self.experts is not None else 0)
+        report = {
+            "weights_mapped": weights["mapped"],
+            "weights_copied": weights["copied"],
+            "expert_cache": experts,
+            "expert_cache_budget": self.experts.budget_bytes if self.experts is not None else 0,
+            "kv_cache": self.buffer_bytes["kv_cache"],
+            "logits": self.buffer_bytes["logits"],
+            "process_anonymous": process["anonymous"],
+            "process_file": process["file"],
+            "process_peak_rss": process["peak_rss"],
+        }
+        report["other"] = max(process["anonymous"] - owned, 0)
+        return report
 
     def ensure_positions(self, max_positions: int):
         if self.rope.cos.shape[0] < max_positions:

@@ -7,13 +7,14 @@ Two layouts are read:
 
 Expert weights stay packed in MXFP4 (`*_blocks` uint8 ``[E, rows, K/32, 16]``
 and `*_scales` uint8 ``[E, rows, K/32]``) and memory-mapped; everything else is
-converted to the compute dtype.  Every tensor's shape is checked, and a bad
+converted to the compute dtype, and used in place from the mapping where it is
+already in it (`ModelWeights.host_bytes()` counts what was copied).  Every tensor's shape is checked, and a bad
 one is reported with its file and name.
 """
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,10 +27,42 @@ BF16 = torch.bfloat16
 U8 = torch.uint8
 
 
+class RowBlocks:
+    """A weight matrix kept as the blocks of rows the checkpoint stores apart (the Hugging Face
+    layout's q, k and v projections), so that it is used in place from the mapping rather than
+    fused into a copy (0.7 GiB at gpt-oss-20b). Moved to another device, it is fused there."""
+
+    def __init__(self, *parts: torch.Tensor):
+        self.parts = parts
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def shape(self) -> tuple:
+        return (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+    def to(self, device) -> "RowBlocks | torch.Tensor":
+        return self if torch.device(device) == self.device else torch.cat([p.to(device) for p in self.parts])
+
+
+def linear(x: torch.Tensor, weight: "torch.Tensor | RowBlocks", bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias, for a weight held whole or as `RowBlocks`."""
+    if isinstance(weight, RowBlocks):
+        biases = bias.split([p.shape[0] for p in weight.parts])
+        return torch.cat([torch.addmm(b, x, w.t()) for w, b in zip(weight.parts, biases)], dim=-1)
+    return torch.addmm(bias, x, weight.t())
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    qkv_weight: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv_weight: "torch.Tensor | RowBlocks"  # [(Hq + 2 Hkv) D, H]; RowBlocks where q, k, v lie apart on disk
     qkv_bias: torch.Tensor
     sinks: torch.Tensor  # [Hq] float32
     out_weight: torch.Tensor  # [H, Hq D]
@@ -52,6 +85,25 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     unembedding: torch.Tensor  # [V, H]
+    # Storages that are the checkpoint's own memory mapping (file-backed pages), not copies.
+    mapped_storages: frozenset = field(default=frozenset(), repr=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        layer_tensors = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
+        return [self.embedding, self.final_norm, self.unembedding, *layer_tensors]
+
+    def host_bytes(self) -> dict[str, int]:
+        """Bytes of the weights used in place from the checkpoint's mapping ("mapped": file-backed,
+        the kernel may drop and re-read them) and copied out of it ("copied": anonymous memory,
+        converted to the compute dtype or fused)."""
+        out = {"mapped": 0, "copied": 0}
+        seen = set()
+        for t in [p for t in self.tensors() for p in (t.parts if isinstance(t, RowBlocks) else (t,))]:
+            if t.device.type != "cpu" or (t.data_ptr(), t.numel()) in seen:
+                continue
+            seen.add((t.data_ptr(), t.numel()))
+            out["mapped" if t.untyped_storage().data_ptr() in self.mapped_storages else "copied"] += t.numel() * t.element_size()
+        return out
 
     def to(self, device) -> "ModelWeights":
         """The same weights on `device` (a no-op on the CPU, where they stay memory-mapped)."""
@@ -194,18 +246,26 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
     else:
         files, name_of = _TensorFiles.open_dir(folder), hf_to_original_names(config)
 
+    mapped = set()
+
+    def in_place(t: torch.Tensor) -> torch.Tensor:
+        mapped.add(t.untyped_storage().data_ptr())
+        return t
+
     def tensor(hf_name: str, convert: bool = True) -> torch.Tensor:
         shape, kind = specs[hf_name]
-        t = files.get(name_of.get(hf_name, hf_name) if name_of else hf_name, shape, kind)
-        return t.to(dtype) if convert and kind != U8 else t
+        t = in_place(files.get(name_of.get(hf_name, hf_name) if name_of else hf_name, shape, kind))
+        return t.to(dtype) if convert and kind != U8 else t  # no copy when the dtype is already `dtype`
 
     def qkv(n: int, part: str) -> torch.Tensor:
         if name_of is None:
             p = f"model.layers.{n}.self_attn."
-            return torch.cat([tensor(p + f"{x}_proj.{part}") for x in "qkv"])
+            parts = [tensor(p + f"{x}_proj.{part}") for x in "qkv"]
+            untouched = part == "weight" and all(t.untyped_storage().data_ptr() in mapped for t in parts)
+            return RowBlocks(*parts) if untouched else torch.cat(parts)  # a converted copy fuses for free
         rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
         shape = (rows, config.hidden_size) if part == "weight" else (rows,)
-        return files.get(f"block.{n}.attn.qkv.{part}", shape).to(dtype)
+        return in_place(files.get(f"block.{n}.attn.qkv.{part}", shape)).to(dtype)
 
     layers = []
     for n in range(config.num_hidden_layers):
@@ -235,6 +295,7 @@ def load_weights(model_dir, dtype: torch.dtype = torch.float32) -> ModelWeights:
         layers=layers,
         final_norm=tensor("model.norm.weight"),
         unembedding=tensor("lm_head.weight"),
+        mapped_storages=frozenset(mapped),
     )
 
 

@@ -101,6 +101,19 @@ def _positive(flag: str, kind: type, noun: str, positive: str):
     return parse
 
 
+def _size_flag(flag: str):
+    """An argparse type: a size such as 4GiB, 512MB or a byte count."""
+    def parse(text: str) -> int:
+        from ossbatch.engine.memory_plan import parse_bytes
+
+        try:
+            return parse_bytes(text, flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 def _positive_int(flag: str):
     return _positive(flag, int, "an integer", "positive")
 
@@ -300,14 +313,17 @@ def cmd_deploy(args) -> int:
 
 def cmd_plan(args) -> int:
     from ossbatch.engine.config import read_config
-    from ossbatch.engine.memory_plan import format_plan, parse_bytes, plan_memory
+    from ossbatch.engine.memory_plan import format_plan, format_rows_by_context, parse_bytes, plan_memory, rows_by_context
 
     config = read_config(args.model)
     try:
-        plan = plan_memory(config, parse_bytes(args.gpu_memory), args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
+        gpu = parse_bytes(args.gpu_memory)
+        plan = plan_memory(config, gpu, args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
     except ValueError as err:
         raise InputError(str(err)) from None
     print(format_plan(plan))
+    print()
+    print(format_rows_by_context(rows_by_context(config, gpu, args.shared_prefix_tokens)))
     return 0
 
 
@@ -361,6 +377,9 @@ def _job_flags(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--fp32-matmul", choices=_choices(engine, "fp32_matmul"), default=_default(engine, "fp32_matmul"),
                    help="float32 CPU matmuls: auto uses oneDNN's bf16 mode (~2.5x faster) where a start-up probe shows it "
                         "keeps float32-level error, else ieee; bf16 forces it")
+    p.add_argument("--memory-budget", type=_size_flag("--memory-budget"), default=_default(engine, "memory_budget"),
+                   help="anonymous host memory the job may use besides the memory-mapped weights (e.g. 4GiB); sizes the "
+                        "expert cache (default: what the machine or its memory cgroup leaves)")
     p.add_argument("--shard-rows", type=_positive_int("--shard-rows"), default=_default(pipeline, "shard_rows"),
                    help="rows per shard: the unit that is committed, resumed and retried")
     p.add_argument("--batch-tokens", type=_positive_int("--batch-tokens"), default=_default(pipeline, "batch_tokens"),

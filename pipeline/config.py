@@ -66,7 +66,10 @@ class EngineOptions(_Settings):
     backend: Backend = "torch"
     device: Device = "auto"
     fp32_matmul: Float32Mode = "auto"
-    expert_cache_bytes: int = Field(1 << 30, ge=0)  # CPU-resident expert weights cached on the GPU
+    expert_cache_bytes: int = Field(1 << 30, ge=0)  # at most this many bytes of unpacked experts (torch backend)
+    # Anonymous memory the job may use on the host (the mapped checkpoint aside); sizes the expert
+    # cache (engine/host_memory.py). None: what the machine or its memory cgroup leaves.
+    memory_budget: int | None = Field(None, gt=0)
 
 
 class EngineConfig(EngineOptions):

@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 import torch
 
 from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
+from ossbatch.engine.host_memory import fit_expert_cache
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
@@ -73,6 +74,7 @@ class ShardInferencer:
     shard as they happen (every engine step; rows refused before the engine at once)."""
 
     on_progress: Callable[[int, int], None] | None = None
+    host_budget = None  # how the last shard's --memory-budget was spent (engine.memory_plan.HostBudget)
 
     def __init__(self, job: Job):
         self.engine = job.engine
@@ -111,6 +113,12 @@ class ShardInferencer:
         stats = {"padded_prompt_slots": 0, "decode_slots": 0, "batches": 0, "engine_seconds": 0.0, "prompt_computed": 0,
                  "kv_bytes_saved": 0, "kv_cache_bytes": 0}
         budgets = [p.params.max_tokens for p in prepared]
+        if prepared:
+            # The expert cache gets what --memory-budget leaves after this shard's batch buffers at their
+            # largest: --batch-tokens and --max-batch-rows, or less where the shard's rows need less.
+            wanted = sum(len(p.prompt) + p.params.max_tokens for p in prepared)
+            self.host_budget = fit_expert_cache(self.model, self.engine.memory_budget, min(self.batch_tokens, wanted),
+                                                min(self.max_batch_rows, len(prepared)), self.engine.expert_cache_bytes)
         # Rows whose prompts share a prefix are bucketed together; a row's KV holds its own tokens only.
         buckets = pack_batches_by_prefix([p.prompt for p in prepared], budgets, self.batch_tokens, self.max_batch_rows,
                                          share=self.prefix_sharing)

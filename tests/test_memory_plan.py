@@ -116,3 +116,50 @@ def test_plan_command_counts_a_shared_prefix(tiny_model_dir, capsys):
     # A usage error: one line naming the flag, exit 2.
     assert main(["plan", "--model", str(tiny_model_dir), "--max-context", "512", "--shared-prefix-tokens", "512"]) == 2
     assert "--shared-prefix-tokens" in capsys.readouterr().err
+
+
+def test_rows_by_context_for_gpt_oss_20b_on_a_16_gb_gpu():
+    from ossbatch.engine.memory_plan import format_rows_by_context, rows_by_context
+
+    gpu = parse_bytes("16GiB")
+    rows = rows_by_context(GPT_OSS_20B, gpu, shared_prefix_tokens=1500)
+    assert [context for context, _, _ in rows] == [2048, 4096, 8192, 16384, 32768, 65536, 131072]
+    for context, by_position, ring in rows:
+        # Each entry is the plan at that context, so its batch is the largest that fits there.
+        assert by_position == plan_memory(GPT_OSS_20B, gpu, context, shared_prefix_tokens=1500)
+        assert ring.max_batch >= by_position.max_batch  # windowed layers hold only their window
+        assert by_position.max_batch >= by_position.max_batch_unshared  # the prefix's KV held once
+    batches = [plan.max_batch for _, plan, _ in rows]
+    assert batches == sorted(batches, reverse=True) and batches[0] > batches[-1] == 0
+    at_4096 = rows[1][1]
+    assert at_4096.max_batch > at_4096.max_batch_unshared >= 1
+    text = format_rows_by_context(rows)
+    assert "16.00 GiB" in text and "without sharing the 1500-token prefix" in text
+    assert f"   4096  {at_4096.max_batch:>13}" in text
+
+
+def test_rows_by_context_skips_contexts_the_prefix_fills():
+    from ossbatch.engine.memory_plan import rows_by_context
+
+    rows = rows_by_context(GPT_OSS_20B, parse_bytes("16GiB"), shared_prefix_tokens=5000)
+    assert [context for context, _, _ in rows][0] == 8192
+
+
+def test_host_budget_gives_the_expert_cache_what_the_batch_leaves():
+    from ossbatch.engine.memory_plan import RUNTIME_GROWTH_BYTES, format_host_budget, plan_host_memory
+
+    c = GPT_OSS_20B
+    plan = plan_host_memory(c, 4 * GIB, GIB // 2, batch_tokens=4096, max_batch_rows=8, dtype_bytes=2, expert_cache_cap=8 * GIB)
+    assert plan.kv_bytes == 4096 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
+    assert plan.logits_bytes == 2 * 8 * c.vocab_size * 4
+    assert plan.runtime_bytes == RUNTIME_GROWTH_BYTES
+    assert plan.expert_cache_bytes == 4 * GIB - GIB // 2 - plan.reserve_bytes > 0
+    assert plan.shortfall_bytes == 0
+    capped = plan_host_memory(c, 4 * GIB, GIB // 2, 4096, 8, 2, expert_cache_cap=GIB)
+    assert capped.expert_cache_bytes == GIB
+    # A larger batch leaves less; one that does not fit leaves nothing and says what to lower.
+    wider = plan_host_memory(c, 4 * GIB, GIB // 2, 16384, 8, 2, 8 * GIB)
+    assert wider.expert_cache_bytes < plan.expert_cache_bytes
+    short = plan_host_memory(c, GIB, GIB // 2, 65536, 256, 2, 8 * GIB)
+    assert short.expert_cache_bytes == 0 and short.shortfall_bytes > 0
+    assert "--batch-tokens" in format_host_budget(short) and "--batch-tokens" not in format_host_budget(plan)

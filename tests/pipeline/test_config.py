@@ -35,7 +35,7 @@ def test_the_engine_key_ignores_sampling_and_batching():
     cold = JobOptions(temperature=0.0, top_p=0.5, seed=3, max_tokens=7, batch_tokens=99, shard_rows=2)
     assert cold.engine("m") == JobOptions().engine("m") and hash(cold.engine("m")) == hash(JobOptions().engine("m"))
     assert JobOptions(dtype="bfloat16").engine("m") != JobOptions().engine("m")
-    assert set(EngineConfig.model_fields) == {"model", "dtype", "backend", "device", "fp32_matmul", "expert_cache_bytes"}
+    assert set(EngineConfig.model_fields) == {"model", "dtype", "backend", "device", "fp32_matmul", "expert_cache_bytes", "memory_budget"}
     assert cold.sampling == SamplingOptions(temperature=0.0, top_p=0.5, seed=3, max_tokens=7)
 
 
