@@ -96,6 +96,7 @@ class ShardInferencer:
 
     def __call__(self, requests: list[dict]) -> tuple[list[dict], dict]:
         results: list[dict | None] = [None] * len(requests)
+        answer_spans: dict[int, list] = {}  # a row's final answer token spans, from its parse (for label scoring)
         prepared = []
         for i, request in enumerate(requests):
             if request.get("error"):
@@ -156,15 +157,15 @@ class ShardInferencer:
                     results[row.index] = _error_row(request, constraint_error)
                     continue
                 try:
-                    results[row.index] = self._result(request, row, completion, constraint_error)
+                    results[row.index], answer_spans[row.index] = self._result(request, row, completion, constraint_error)
                 except Exception as err:  # noqa: BLE001
                     results[row.index] = _error_row(request, f"parse/validation: {_describe(err)}") | {
                         "prompt_tokens": len(row.prompt), "completion_tokens": len(completion.token_ids)}
             if self.label_field is not None:
-                self._score_labels(outcomes, results)
+                self._score_labels(outcomes, results, answer_spans)
         return results, stats
 
-    def _score_labels(self, outcomes: list[tuple], results: list[dict]) -> None:
+    def _score_labels(self, outcomes: list[tuple], results: list[dict], answer_spans: dict[int, list]) -> None:
         """label_probs and label_confidence of the run's rows whose schema makes --label-field an enum,
         scored in one engine call (each row alone if that fails: then a row that fails alone is its error)."""
         from ossbatch.pipeline.label_probs import label_enum, label_fields, score_labels, spell_labels
@@ -174,7 +175,7 @@ class ShardInferencer:
             labels = label_enum(row.schema, self.label_field)
             if labels is None or completion is None or results[row.index].get("status") == "error":
                 continue
-            spelling = spell_labels(row.prompt, completion.token_ids, self.label_field, labels)
+            spelling = spell_labels(row.prompt, completion.token_ids, answer_spans[row.index], self.label_field, labels)
             results[row.index] |= label_fields(spelling, None)
             if spelling is not None:
                 spelled.append((row, spelling))
@@ -274,7 +275,8 @@ class ShardInferencer:
                          top_logprobs=int(_first(request.get("top_logprobs"), s.top_logprobs)),
                          logprobs=bool(request.get("logprobs")))
 
-    def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> dict:
+    def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> tuple[dict, list]:
+        """The row's result, and its final answer's token spans (from the same parse)."""
         from ossbatch.pipeline.answer import answer_fields, validate_answer  # re2 and jsonschema: only once rows run
 
         parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
@@ -313,8 +315,9 @@ class ShardInferencer:
         if row.top_logprobs:
             result["output_top_logprobs"] = output_top_logprobs(completion.top_logprobs)
         if row.logprobs:
-            result["answer_logprobs"] = answer_logprobs(completion.token_ids, completion.logprobs, completion.top_logprobs)
-        return result
+            result["answer_logprobs"] = answer_logprobs(completion.token_ids, completion.logprobs, completion.top_logprobs,
+                                                        parsed.answer_spans)
+        return result, parsed.answer_spans
 
 
 def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):

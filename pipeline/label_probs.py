@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ossbatch.engine.score import ScoreRequest, score_continuations
-from ossbatch.pipeline.logprobs import encode_text, final_content_spans, token_bytes
+from ossbatch.pipeline.logprobs import encode_text, token_bytes
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,14 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-def spell_labels(prompt: list[int], token_ids: list[int], field: str, labels: list[str]) -> LabelSpelling | None:
-    """Where the answer names its label, each label's tokens and the context before them; None
-    when the answer has no string value for ``field`` (no final answer, or cut off before it)."""
-    spans = final_content_spans(token_ids)
-    if not spans:
+def spell_labels(prompt: list[int], token_ids: list[int], answer_spans: list[tuple[int, int]], field: str,
+                 labels: list[str]) -> LabelSpelling | None:
+    """Where the answer names its label, each label's tokens and the context before them
+    (``answer_spans``: the parse's final answer spans); None when the answer has no string value for
+    ``field`` (no final answer, or cut off before it)."""
+    if not answer_spans:
         return None
-    begin, end = spans[-1]
+    begin, end = answer_spans[-1]
     pieces = [token_bytes(t) for t in token_ids[begin:end]]
     content = b"".join(pieces)
     try:

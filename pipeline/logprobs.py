@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ossbatch.pipeline.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START, o200k_harmony_definition
+from ossbatch.pipeline.harmony import o200k_harmony_definition
 
-_CLOSERS = (END, RETURN, CALL)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
@@ -38,34 +37,6 @@ def encode_text(text: str) -> list[int]:
     return tiktoken_encoding().encode_ordinary(text)
 
 
-def final_content_spans(token_ids: list[int]) -> list[tuple[int, int]]:
-    """[start, stop) of each final-channel message's content among a completion's tokens: after
-    its header's ``<|message|>``, up to its closing token (or the end of a truncated completion)."""
-    spans, header_start, i = [], 0, 0
-    while i < len(token_ids):
-        token = token_ids[i]
-        if token == START:
-            header_start = i + 1
-        elif token == MESSAGE:
-            header = token_ids[header_start:i]
-            stop = next((j for j in range(i + 1, len(token_ids)) if token_ids[j] in _CLOSERS), len(token_ids))
-            if _channel(header) == "final":
-                spans.append((i + 1, stop))
-            header_start = i = stop + 1
-            continue
-        i += 1
-    return spans
-
-
-def _channel(header: list[int]) -> str | None:
-    if CHANNEL not in header:
-        return None
-    after = header[header.index(CHANNEL) + 1:]
-    name = after[: after.index(CONSTRAIN)] if CONSTRAIN in after else after
-    words = b"".join(token_bytes(t) for t in name).decode("utf-8", errors="replace").split()
-    return words[0] if words else None
-
-
 def top_entries(alternatives: list[tuple[int, float]]) -> list[dict]:
     """One token's alternatives as ``{token_id, token, logprob}`` records, most likely first."""
     return [{"token_id": t, "token": token_text(t), "logprob": v} for t, v in alternatives]
@@ -76,15 +47,16 @@ def output_top_logprobs(top: list[list[tuple[int, float]]] | None) -> list[list[
     return None if top is None else [top_entries(alternatives) for alternatives in top]
 
 
-def answer_logprobs(token_ids: list[int], logprobs: list[float] | None,
-                    top: list[list[tuple[int, float]]] | None) -> list[dict] | None:
+def answer_logprobs(token_ids: list[int], logprobs: list[float] | None, top: list[list[tuple[int, float]]] | None,
+                    answer_spans: list[tuple[int, int]]) -> list[dict] | None:
     """The ``answer_logprobs`` column: the final answer's tokens (what OpenAI's logprobs cover;
-    reasoning tokens are not content), each ``{token_id, token, logprob, top_logprobs}``."""
+    reasoning tokens are not content; ``answer_spans`` from the parse), each
+    ``{token_id, token, logprob, top_logprobs}``."""
     if logprobs is None:
         return None
     return [{"token_id": token_ids[i], "token": token_text(token_ids[i]), "logprob": logprobs[i],
              "top_logprobs": top_entries(top[i]) if top is not None else []}
-            for start, stop in final_content_spans(token_ids) for i in range(start, stop)]
+            for start, stop in answer_spans for i in range(start, stop)]
 
 
 def openai_logprobs(entries: list[dict] | None) -> list[dict]:

@@ -12,11 +12,11 @@ its header's ``<|channel|>`` on, or makes it a call, from after its ``<|start|>a
 announcement counts as reasoning, as the first message's lies in the prompt).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from openai_harmony import HarmonyError, Role, StreamableParser, StreamState
 
-from ossbatch.pipeline.harmony import CALL, CHANNEL, END, RETURN, START, harmony_encoding
+from ossbatch.pipeline.harmony import CALL, CHANNEL, END, MESSAGE, RETURN, START, harmony_encoding
 from ossbatch.pipeline.tools import function_name
 
 _CLOSERS = frozenset((END, RETURN, CALL))
@@ -32,6 +32,8 @@ class ParsedCompletion:
     reasoning_tokens: int
     output_tokens: int
     tool_calls: list[dict] | None = None  # [{name, arguments}] in order; None without calls
+    # [start, stop) of each final answer message's content tokens (after its <|message|>, before its closing token)
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def parse_completion(token_ids: list[int], finish_reason: str, functions: frozenset[str] = frozenset()) -> ParsedCompletion:
@@ -88,7 +90,23 @@ def parse_completion(token_ids: list[int], finish_reason: str, functions: frozen
         reasoning_tokens=reasoning_tokens,
         output_tokens=output_tokens,
         tool_calls=calls if called else None,
+        answer_spans=[_content_span(token_ids, span) for span, m in zip(spans, messages)
+                      if m.channel == "final" and not m.recipient and MESSAGE in token_ids[span[0]:span[1]]],
     )
+
+
+def final_content_spans(token_ids: list[int]) -> list[tuple[int, int]]:
+    """The answer spans of a completion parsed alone (one that does not end in a closing token is
+    parsed as truncated); `parse_completion` gives the same as ``answer_spans``."""
+    truncated = not token_ids or token_ids[-1] not in _CLOSERS
+    return parse_completion(token_ids, "length" if truncated else "stop").answer_spans
+
+
+def _content_span(token_ids: list[int], span: tuple[int, int]) -> tuple[int, int]:
+    """A message's content: after its header's ``<|message|>``, up to its closing token (or the end
+    of a truncated completion)."""
+    start, stop = span
+    return token_ids.index(MESSAGE, start, stop) + 1, stop - 1 if token_ids[stop - 1] in _CLOSERS else stop
 
 
 def _output_tokens(token_ids: list[int], span: tuple[int, int]) -> int:

@@ -13,7 +13,8 @@ from ossbatch.pipeline.config import Job, JobOptions
 from ossbatch.pipeline.driver import job_spec, run_job
 from ossbatch.pipeline.infer import ShardInferencer
 from ossbatch.pipeline.label_probs import label_enum, spell_labels, value_span
-from ossbatch.pipeline.logprobs import encode_text, final_content_spans, token_bytes
+from ossbatch.pipeline.logprobs import encode_text, token_bytes
+from ossbatch.pipeline.parse import final_content_spans
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +62,7 @@ def test_label_probs_equal_transformers(labeled, tiny_model_dir):
         assert list(probs) == LABELS and sum(probs.values()) == pytest.approx(1.0)
         chosen = json.loads(row["output_json"])["verdict"]
         assert row["label_confidence"] == pytest.approx(probs[chosen])
-        spelling = spell_labels(row["prompt_token_ids"], row["output_token_ids"], "verdict", LABELS)
+        spelling = spell_labels(row["prompt_token_ids"], row["output_token_ids"], final_content_spans(row["output_token_ids"]), "verdict", LABELS)
         expected = []
         for candidate in spelling.candidates:
             with torch.no_grad():
@@ -81,7 +82,7 @@ def test_the_answers_own_label_is_spelled_as_generated(labeled):
         if row["status"] != "ok":
             continue
         tokens = row["output_token_ids"]
-        spelling = spell_labels(row["prompt_token_ids"], tokens, "verdict", LABELS)
+        spelling = spell_labels(row["prompt_token_ids"], tokens, final_content_spans(tokens), "verdict", LABELS)
         (begin, end), = final_content_spans(tokens)
         cut = len(spelling.context) - len(row["prompt_token_ids"])
         assert spelling.context == row["prompt_token_ids"] + tokens[:cut] and begin <= cut < end
@@ -95,12 +96,14 @@ def test_the_answers_own_label_is_spelled_as_generated(labeled):
 def test_canonical_answer_tokens_are_the_chosen_labels_candidate():
     """Where the answer is written in the canonical tokens, the chosen label's candidate is exactly
     the answer's own tokens after the cut (so its score is the sampled tokens' logprobs)."""
-    from ossbatch.pipeline.harmony import CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
+    from ossbatch.pipeline.harmony import CHANNEL, END, MESSAGE, RETURN, START
 
     answer = encode_text('{"verdict":"maybe not","why":"x"}')  # '{"', 'verd', 'ict', '":"', ...
-    header = [START, *encode_text("assistant"), CHANNEL, *encode_text("final "), CONSTRAIN, *encode_text("json"), MESSAGE]
+    # The final header as the grammar forces it (harmony's parser reads "final <|constrain|>json" as a
+    # recipient, so such a completion is that row's parse error and is never scored).
+    header = [START, *encode_text("assistant"), CHANNEL, *encode_text("final"), MESSAGE]
     tokens = [CHANNEL, *encode_text("analysis"), MESSAGE, *encode_text("hmm"), END, *header, *answer, RETURN]
-    spelling = spell_labels([1, 2], tokens, "verdict", LABELS)
+    spelling = spell_labels([1, 2], tokens, final_content_spans(tokens), "verdict", LABELS)
     start = len(tokens) - 1 - len(answer)
     cut = len(spelling.context) - 2
     chosen = spelling.candidates[LABELS.index("maybe not")]

@@ -13,7 +13,8 @@ from ossbatch.pipeline.config import Job, JobOptions
 from ossbatch.pipeline.driver import job_spec, run_job
 from ossbatch.pipeline.harmony import MESSAGE
 from ossbatch.pipeline.infer import ShardInferencer
-from ossbatch.pipeline.logprobs import final_content_spans, token_bytes
+from ossbatch.pipeline.logprobs import token_bytes
+from ossbatch.pipeline.parse import final_content_spans
 from ossbatch.pipeline.validate import normalize
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"],
