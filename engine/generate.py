@@ -30,7 +30,7 @@ import torch
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.sampling import adjust_logits, sample
-from ossbatch.engine.step import Step
+from ossbatch.engine.step import Step, packed
 
 
 @dataclass
@@ -171,11 +171,8 @@ class Forward:
                 padded += self._prefill_prefixes(sorted({p for p in prefix_ids if p >= 0 and not self.prefix_ready[p]}))
                 self.prefix_len[slots] = torch.tensor(offsets, dtype=torch.int64)
                 self.prefix_of[slots] = torch.tensor(prefix_ids, dtype=torch.int64)
-            own = [p[n:] for p, n in zip(prompts, offsets)]
-            lengths = torch.tensor([len(p) for p in own], dtype=torch.int64)
+            tokens, positions, lengths = packed([p[n:] for p, n in zip(prompts, offsets)], offsets)
             self.kv_len[slots] = lengths
-            tokens = torch.tensor([t for p in own for t in p], dtype=torch.int64)
-            positions = torch.cat([torch.arange(n, n + len(p)) for p, n in zip(own, offsets)])
             step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
             self.model.forward(tokens, step, self.cache, torch.cumsum(lengths, 0) - 1, out=self.logits[done : done + len(prompts)])
             padded += len(prompts) * int(lengths.max())
@@ -201,10 +198,8 @@ class Forward:
         """Prefills `own` (each prefix's tokens past its parent's) in a scratch cache, attending to the
         parent's stored KV, and stores each prefix whole. Returns the padded prompt slots."""
         offset = int(self.cache.prefix.lengths[parent]) if parent is not None else 0
-        lengths = torch.tensor([len(p) for p in own], dtype=torch.int64)
+        tokens, positions, lengths = packed(own, [offset] * len(own))
         scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
-        tokens = torch.tensor([t for p in own for t in p], dtype=torch.int64)
-        positions = torch.cat([torch.arange(offset, offset + n) for n in lengths.tolist()])
         rows = torch.arange(len(ids))
         if parent is None:
             step = Step.build(torch.repeat_interleave(rows, lengths), positions, lengths, len(ids))

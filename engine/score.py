@@ -18,7 +18,7 @@ import torch
 
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
 from ossbatch.engine.model import Transformer
-from ossbatch.engine.step import Step
+from ossbatch.engine.step import Step, packed
 
 LOGIT_ROWS = 256  # positions whose [V] logits one pass materialises (a float32 row of gpt-oss's vocabulary is 0.8 MB)
 
@@ -51,11 +51,8 @@ def score_continuations(model: Transformer, requests: list[ScoreRequest], max_to
 
 def _score_chunk(model: Transformer, requests: list[ScoreRequest], max_tokens: int) -> list[list[float]]:
     config, device = model.config, model.device
-    contexts = [r.context for r in requests]
-    lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
+    tokens, positions, lengths = packed([r.context for r in requests])
     scratch = KVCache.for_model(config, len(requests), int(lengths.max()), model.dtype, device)
-    tokens = torch.tensor([t for c in contexts for t in c], dtype=torch.int64)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
     step = Step.build(torch.repeat_interleave(torch.arange(len(requests)), lengths), positions, lengths, len(requests))
     logits = model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
     rows = torch.tensor([n for n, r in enumerate(requests) for _ in r.candidates], device=logits.device)
@@ -86,14 +83,12 @@ def _score_chunk(model: Transformer, requests: list[ScoreRequest], max_tokens: i
 def _score_tails(model: Transformer, rows: list[tuple[int, int, list[int]]], context_len: torch.Tensor,
                  prefix: PrefixKV, scores: list[list[float]]) -> None:
     """Adds to ``scores[n][i]`` the logprobs of candidate tokens 1.. of each (request n, candidate i, tokens)."""
-    fed = [c[:-1] for _, _, c in rows]  # token j's logits score token j + 1
-    own = torch.tensor([len(f) for f in fed], dtype=torch.int64)
     requests = torch.tensor([n for n, _, _ in rows], dtype=torch.int64)
+    prefix_len = context_len[requests]
+    # token j's logits score token j + 1
+    tokens, positions, own = packed([c[:-1] for _, _, c in rows], prefix_len.tolist())
     cache = KVCache.for_model(model.config, len(rows), int(own.max()), model.dtype, model.device)
     cache.prefix = prefix
-    prefix_len = context_len[requests]
-    tokens = torch.tensor([t for f in fed for t in f], dtype=torch.int64)
-    positions = torch.cat([torch.arange(n, n + len(f)) for n, f in zip(prefix_len.tolist(), fed)])
     step = Step.build(torch.repeat_interleave(torch.arange(len(rows)), own), positions, own, len(rows), prefix_len, requests)
     logits = model.forward(tokens, step, cache, torch.arange(tokens.numel()))
     targets = torch.tensor([t for _, _, c in rows for t in c[1:]], dtype=torch.int64, device=logits.device)

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 import torch
 
 
+def packed(sequences: list[list[int]], offsets: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences packed end to end, as a forward pass takes them: their tokens, each token's
+    position (counting from its sequence's offset, default 0), and each sequence's length."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
+    tokens = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+    starts = offsets if offsets is not None else [0] * len(sequences)
+    positions = torch.cat([torch.arange(n, n + len(s)) for s, n in zip(sequences, starts)])
+    return tokens, positions, lengths
+
+
 @dataclass
 class PrefixReads:
     """The step's tokens whose rows share a prefix, folded per prefix: prefix ``prefixes[g]``'s
