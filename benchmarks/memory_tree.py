@@ -14,21 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ossbatch.engine.host_memory import process_memory
+
 GIB = 1 << 30
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _status_kib(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile, RssShmem, VmHWM of one process, in KiB ({} once it has gone)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
-                out[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        return {}
-    return out
 
 
 def process_tree(pid: int) -> list[int]:
@@ -67,15 +56,13 @@ def sample_tree(proc, interval: float = 0.05) -> TreePeak:
         per = {}
         pids = process_tree(proc.pid)
         for pid in pids:
-            s = _status_kib(pid)
-            if not s:
+            m = process_memory(pid)
+            if not m["rss"]:  # gone since the listing
                 continue
-            rss += s.get("VmRSS", 0) * 1024
-            anon += s.get("RssAnon", 0) * 1024
-            file += (s.get("RssFile", 0) + s.get("RssShmem", 0)) * 1024
-            per[pid] = (s.get("VmRSS", 0) * 1024, s.get("RssAnon", 0) * 1024)
+            rss, anon, file = rss + m["rss"], anon + m["anonymous"], file + m["file"]
+            per[pid] = (m["rss"], m["anonymous"])
             if pid == proc.pid:
-                peak.main_hwm = max(peak.main_hwm, s.get("VmHWM", 0) * 1024)
+                peak.main_hwm = max(peak.main_hwm, m["peak_rss"])
         peak.samples += 1
         peak.processes = max(peak.processes, len(per))
         peak.peak_anon = max(peak.peak_anon, anon)
