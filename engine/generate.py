@@ -14,6 +14,12 @@ slots than rows their slots go to waiting rows. An optional constraint
 (structured outputs) masks each step's logits; its masks are computed while
 the model runs the forward pass.
 
+A row may ask, when it finishes, for continuations to be scored after some of
+its generated tokens (`Continuations`: the labels a classifier could have named
+there). Its slot is held until then and its own KV read in place of a prefill
+(`engine.score`); rows waiting on scoring are scored together, when their slots
+are wanted or the run ends.
+
 Rows named in a `SharedPrefix` begin with the same tokens: the prefix is
 prefilled once, its KV stored once (`kv_cache.PrefixKV`), and every decode step
 reads it once for all its rows (cascade attention, `engine.attend`).
@@ -30,6 +36,7 @@ import torch
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.sampling import adjust_logits, sample
+from ossbatch.engine.score import score_after_prefixes
 from ossbatch.engine.step import Step, packed
 
 
@@ -52,6 +59,17 @@ class Completion:
     cached_prompt_tokens: int = 0  # prompt tokens read from a shared prefix, not computed for this row
     # Per generated token, the row's K most likely (token id, logprob) under the raw distribution.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Per candidate of the row's `Continuations`, its summed logprob (raw distribution).
+    continuation_logprobs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Continuations:
+    """Token sequences to score, teacher-forced, after a finished row's prompt and its first
+    `after` generated tokens."""
+
+    after: int
+    candidates: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ class GenerationStats:
     decode_slots: int = 0  # rows x decode steps actually computed
     steps: int = 0
     seconds: float = 0.0
+    scoring_seconds: float = 0.0  # of `seconds`: scoring finished rows' continuations
 
 
 class TokenConstraint(Protocol):
@@ -131,6 +150,11 @@ class SlotScheduler:
         for row in rows:
             self.slot_of[row] = free.pop(0)
         return rows
+
+    def would_admit(self, decoding: int, freeing: int) -> bool:
+        """Whether `admit` would take rows if `freeing` more slots were free."""
+        free = len(self.free_slots) + freeing
+        return bool(self.waiting) and free > 0 and not (decoding and free < min(self.refill_at, len(self.waiting)))
 
     def free(self, rows: list[int]) -> None:
         self.free_slots.extend(int(self.slot_of[row]) for row in rows)
@@ -214,6 +238,17 @@ class Forward:
             self.prefix_ready[p] = True
         return len(ids) * int(lengths.max())
 
+    def score(self, slots: list[int], context_lengths: list[int], last_tokens: list[int],
+              candidates: list[list[list[int]]]) -> list[list[float]]:
+        """Each candidate's summed logprob after its slot's first `context_lengths` tokens (prompt,
+        then generated), whose last is `last_tokens`: the tokens before it are in the slot (and its
+        shared prefix) already, so they are copied into a prefix store, not computed again."""
+        store = PrefixKV(self.model.config, [n - 1 for n in context_lengths], self.model.dtype, self.model.device)
+        parents = self.prefix_of[slots].tolist() if self.prefix_of is not None else [-1] * len(slots)
+        store.gather(list(range(len(slots))), self.cache, slots, self.cache.prefix, parents)
+        self.model.ensure_positions(max(n + len(c) for n, cs in zip(context_lengths, candidates) for c in cs))
+        return score_after_prefixes(self.model, store, last_tokens, candidates)
+
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, first: int) -> None:
         """One token for each of `slots` (sorted); logits into rows first.. of the buffer."""
         positions = self.kv_len[slots].clone()
@@ -260,6 +295,57 @@ class Outputs:
         ids, values = self.top_ids[row, :n, :k].tolist(), self.top_values[row, :n, :k].tolist()
         # Under a mask, fewer than K tokens may be allowed: the forbidden ones (-inf) are left out.
         return [[(t, x) for t, x in zip(i, v) if x != float("-inf")] for i, v in zip(ids, values)]
+
+
+class ScoringQueue:
+    """Finished rows whose `Continuations` are still to be scored: each keeps its KV slot until
+    then. `score` runs them together (chunked so the copies of their contexts stay within half the
+    cache) and frees their slots."""
+
+    def __init__(self, ask: Callable[[int, list[int], str], "Continuations | None"], forward: Forward,
+                 scheduler: SlotScheduler, prompts: list[list[int]], outputs: Outputs):
+        self.ask, self.forward, self.scheduler, self.prompts, self.outputs = ask, forward, scheduler, prompts, outputs
+        self.held: list[tuple[int, Continuations]] = []
+        self.scores: dict[int, list[float]] = {}
+        self.seconds = 0.0
+
+    def finish(self, rows: list[int]) -> None:
+        """Rows that just ended: those with continuations to score are held, the rest freed."""
+        freed = []
+        for row in rows:
+            count = int(self.outputs.count[row])
+            wanted = self.ask(row, self.outputs.tokens[row, :count].tolist(), self.outputs.finish[row])
+            if wanted is None:
+                freed.append(row)
+                continue
+            if not 0 <= wanted.after <= count or not wanted.candidates or not all(wanted.candidates):
+                raise ValueError(f"row {row}: continuations need 0 <= after <= {count} generated tokens and "
+                                 f"non-empty candidates, got after={wanted.after}")
+            self.held.append((row, wanted))
+        self.scheduler.free(freed)
+
+    def score(self) -> None:
+        started, budget = time.perf_counter(), self.forward.slots * self.forward.cache.max_len // 2
+        while self.held:
+            chunk, tokens = [], 0
+            while self.held and (not chunk or tokens + self._context_length(*self.held[0]) <= budget):
+                chunk.append(self.held.pop(0))
+                tokens += self._context_length(*chunk[-1])
+            rows = [row for row, _ in chunk]
+            lengths = [self._context_length(row, wanted) for row, wanted in chunk]
+            last = [self._token(row, n - 1) for row, n in zip(rows, lengths)]
+            scores = self.forward.score(self.scheduler.slot_of[rows].tolist(), lengths, last,
+                                        [wanted.candidates for _, wanted in chunk])
+            self.scores.update(zip(rows, scores))
+            self.scheduler.free(rows)
+        self.seconds += time.perf_counter() - started
+
+    def _context_length(self, row: int, wanted: "Continuations") -> int:
+        return len(self.prompts[row]) + wanted.after
+
+    def _token(self, row: int, position: int) -> int:
+        prompt = self.prompts[row]
+        return prompt[position] if position < len(prompt) else int(self.outputs.tokens[row, position - len(prompt)])
 
 
 def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSettings, outputs: Outputs, stops: torch.Tensor,
@@ -313,6 +399,7 @@ def generate(
     on_step: Callable[[int, int], None] | None = None,
     top_logprobs: int | list[int] = 0,
     masked_logprobs: bool = False,
+    continuations: Callable[[int, list[int], str], Continuations | None] | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generates every row; returns completions in row order.
 
@@ -334,6 +421,11 @@ def generate(
     likely token ids and their logprobs under the model's raw distribution (as `logprobs`: before
     any constraint's mask, at temperature 1); with `masked_logprobs`, both are under the constraint's
     masked distribution instead (renormalised over the allowed tokens, still at temperature 1).
+
+    `continuations(row, generated tokens, finish reason)`, if given, is asked as each row finishes
+    which token sequences to score after its prompt and some of its generated tokens (or None);
+    their summed logprobs (raw distribution) come back as the completion's `continuation_logprobs`.
+    They are computed from the row's own KV before its slot is reused: no context is prefilled again.
 
     `on_step(rows_finished, tokens)`, if given, hears after every step how many rows stopped and
     how many tokens were generated in it (for live progress).
@@ -366,8 +458,11 @@ def generate(
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
     masked_buffer = torch.empty_like(forward.logits) if constraint is not None else None
     decoding = torch.zeros(0, dtype=torch.int64)  # rows that decode this step, in slot order
+    scoring = ScoringQueue(continuations, forward, scheduler, prompts, outputs) if continuations is not None else None
 
     while True:
+        if scoring is not None and scoring.held and scheduler.would_admit(decoding.numel(), len(scoring.held)):
+            scoring.score()  # their slots are wanted now
         admitted = scheduler.admit(decoding.numel())
         live = torch.cat([torch.tensor(admitted, dtype=torch.int64), decoding])  # the rows in this step's logits
         if constraint is not None:
@@ -382,18 +477,27 @@ def generate(
             stats.decode_slots += decoding.numel()
         stats.steps += 1
         ended = sample_and_stop(forward.logits[: live.numel()], live, settings, outputs, stops, constraint, masked_buffer)
-        scheduler.free(live[ended].tolist())
+        if scoring is not None:
+            scoring.finish(live[ended].tolist())
+        else:
+            scheduler.free(live[ended].tolist())
         decoding = scheduler.in_slot_order(live[~ended])
         if on_step is not None:
             on_step(int(ended.sum()), live.numel())
         if not decoding.numel() and not scheduler.waiting:
             break
+    if scoring is not None:
+        scoring.score()
+        stats.scoring_seconds = scoring.seconds
 
     stats.seconds = time.perf_counter() - started
     stats.prompt_computed, stats.kv_cache_bytes = forward.computed, forward.cache.nbytes
     per_slot_token = sum(t[0, 0].numel() * t.element_size() for t in forward.cache.k + forward.cache.v)
     stats.kv_bytes_saved = max(0, slots * unshared_len * per_slot_token - stats.kv_cache_bytes)
-    return outputs.completions(cached), stats
+    completions = outputs.completions(cached)
+    for row, scores in (scoring.scores.items() if scoring is not None else ()):
+        completions[row].continuation_logprobs = scores
+    return completions, stats
 
 
 MIN_ROOT_TOKENS = 16  # a shorter common root is not worth a prefill of its own

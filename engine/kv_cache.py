@@ -36,15 +36,24 @@ class PrefixKV:
         """Copies prefixes[i]'s keys and values from row i of a cache they were prefilled in. With a
         `parent` (a stored prefix they all begin with), row i holds only the positions past the
         parent's length, from index 0, and the positions before it are copied from the parent."""
-        offset = int(self.lengths[parent]) if parent is not None else 0
+        parents = [-1 if parent is None else parent] * len(prefixes)
+        self.gather(prefixes, filled, list(range(len(prefixes))), self, parents)
+
+    def gather(self, prefixes: list[int], filled: "KVCache", rows: list[int], parent_store: "PrefixKV | None",
+               parents: list[int]) -> None:
+        """Copies prefix prefixes[i] from row rows[i] of `filled`, which holds the positions past
+        its parent's length from index 0; the positions before come from prefix parents[i] of
+        `parent_store` (-1: none, the row holds the prefix from position 0). A finished row's own
+        KV slot, under the shared prefix it read, becomes a prefix this way."""
         for layer, start in enumerate(self.start):
-            for row, prefix in enumerate(prefixes):
+            for row, prefix, parent in zip(rows, prefixes, parents):
+                offset = int(parent_store.lengths[parent]) if parent >= 0 else 0
                 begin, end = int(start[prefix]), int(self.lengths[prefix])
-                split = max(begin, offset)  # positions from here on were computed in `filled`
+                split = max(begin, offset)  # positions from here on are in `filled`
                 if split > begin:  # the child keeps no earlier position than its parent does
-                    parent_begin = int(start[parent])
-                    self.k[layer][prefix, : split - begin] = self.k[layer][parent, begin - parent_begin : split - parent_begin]
-                    self.v[layer][prefix, : split - begin] = self.v[layer][parent, begin - parent_begin : split - parent_begin]
+                    parent_begin = int(parent_store.start[layer][parent])
+                    self.k[layer][prefix, : split - begin] = parent_store.k[layer][parent, begin - parent_begin : split - parent_begin]
+                    self.v[layer][prefix, : split - begin] = parent_store.v[layer][parent, begin - parent_begin : split - parent_begin]
                 self.k[layer][prefix, split - begin : end - begin] = filled.k[layer][row, split - offset : end - offset]
                 self.v[layer][prefix, split - begin : end - begin] = filled.v[layer][row, split - offset : end - offset]
 

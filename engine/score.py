@@ -1,15 +1,19 @@
-"""Teacher-forced scoring: the log-probability of given continuations after a shared context.
+"""Teacher-forced scoring: the log-probability of given continuations after a context.
 
-`score_continuations` takes requests, each a context and several candidate continuations, and
-returns each candidate's summed token logprobs under the model's raw distribution (float logits,
-temperature 1, no mask). Every token of every candidate is scored, so multi-token candidates and
-candidates that share their first tokens are scored exactly.
+A continuation's score is the sum of its tokens' logprobs under the model's raw distribution
+(float logits, temperature 1, no mask). Every token of every candidate is scored, so multi-token
+candidates and candidates that share their first tokens are scored exactly.
 
-Two forward passes per chunk of requests: the contexts, packed, each stored once as a shared
-prefix (`kv_cache.PrefixKV`, as `engine.generate` does for shared prompt prefixes); then every
-candidate's tokens but its last, packed, each row reading its request's context through the
-prefix (cascade attention) and giving logits at each of its positions. A candidate's first token
-is scored by its context's last logits, computed once for all its candidates.
+`score_after_prefixes` is the one way it is done: each context's keys and values, all but its last
+token, sit in a `kv_cache.PrefixKV`; every candidate runs as a sequence of its own, the context's
+last token and then the candidate's tokens but its last, reading its context through the prefix
+(cascade attention, as rows read a shared prompt prefix). The LM head runs once per distinct
+position: candidates of a context that share their first tokens share those positions' logits.
+Where the contexts come from:
+
+- `score_continuations` prefills given contexts first (scoring text after the fact);
+- `engine.generate` copies a finished row's own KV slot (scoring labels while the row's KV is
+  still there, so nothing is prefilled again).
 """
 
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from ossbatch.engine.model import Transformer
 from ossbatch.engine.step import Step, packed
 
 LOGIT_ROWS = 256  # positions whose [V] logits one pass materialises (a float32 row of gpt-oss's vocabulary is 0.8 MB)
+
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -40,7 +45,7 @@ def score_continuations(model: Transformer, requests: list[ScoreRequest], max_to
     scores: list[list[float]] = []
     chunk: list[ScoreRequest] = []
     for request in requests:
-        if chunk and (sum(len(r.context) for r in chunk) + len(request.context) > max_tokens or len(chunk) == LOGIT_ROWS):
+        if chunk and sum(len(r.context) for r in chunk) + len(request.context) > max_tokens:
             scores += _score_chunk(model, chunk, max_tokens)
             chunk = []
         chunk.append(request)
@@ -50,48 +55,68 @@ def score_continuations(model: Transformer, requests: list[ScoreRequest], max_to
 
 
 def _score_chunk(model: Transformer, requests: list[ScoreRequest], max_tokens: int) -> list[list[float]]:
+    """Prefills the contexts (all but their last tokens) into a prefix store, then scores there."""
     config, device = model.config, model.device
-    tokens, positions, lengths = packed([r.context for r in requests])
-    scratch = KVCache.for_model(config, len(requests), int(lengths.max()), model.dtype, device)
-    step = Step.build(torch.repeat_interleave(torch.arange(len(requests)), lengths), positions, lengths, len(requests))
-    logits = model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
-    rows = torch.tensor([n for n, r in enumerate(requests) for _ in r.candidates], device=logits.device)
-    firsts = torch.tensor([c[0] for r in requests for c in r.candidates], device=logits.device)
-    picked = (logits[rows, firsts] - torch.logsumexp(logits, dim=-1)[rows]).tolist()  # one copy to the host
-    scores, at = [], 0
-    for r in requests:
-        scores.append(picked[at : at + len(r.candidates)])
-        at += len(r.candidates)
+    store = PrefixKV(config, [len(r.context) - 1 for r in requests], model.dtype, device)
+    filled = [n for n, r in enumerate(requests) if len(r.context) > 1]
+    if filled:
+        tokens, positions, lengths = packed([requests[n].context[:-1] for n in filled])
+        scratch = KVCache.for_model(config, len(filled), int(lengths.max()), model.dtype, device)
+        step = Step.build(torch.repeat_interleave(torch.arange(len(filled)), lengths), positions, lengths, len(filled))
+        model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
+        store.store(filled, scratch)
+        del scratch
+    return score_after_prefixes(model, store, [r.context[-1] for r in requests], [r.candidates for r in requests],
+                                min(max_tokens, LOGIT_ROWS))
 
-    # Candidates of two or more tokens: their later tokens, scored with the context as a prefix.
-    longer = [(n, i, c) for n, r in enumerate(requests) for i, c in enumerate(r.candidates) if len(c) > 1]
-    if not longer:
-        return scores
-    prefix = PrefixKV(config, lengths.tolist(), model.dtype, device)
-    prefix.store(list(range(len(requests))), scratch)
-    del scratch
-    batch: list[tuple[int, int, list[int]]] = []
-    for item in longer:
-        if batch and sum(len(c) - 1 for _, _, c in batch) + len(item[2]) - 1 > min(max_tokens, LOGIT_ROWS):
-            _score_tails(model, batch, lengths, prefix, scores)
-            batch = []
-        batch.append(item)
-    _score_tails(model, batch, lengths, prefix, scores)
+
+@torch.inference_mode()
+def score_after_prefixes(model: Transformer, store: PrefixKV, last_tokens: list[int], candidates: list[list[list[int]]],
+                         logit_rows: int = LOGIT_ROWS) -> list[list[float]]:
+    """Per context n (prefix n of `store`: its tokens but the last, `last_tokens[n]`), per candidate:
+    the candidate's summed logprob. A pass holds at most `logit_rows` distinct positions' logits."""
+    scores = [[0.0] * len(c) for c in candidates]
+    batch: list[tuple[int, int]] = []  # (context, candidate)
+    positions: set[tuple[int, tuple[int, ...]]] = set()  # distinct (context, tokens before) in the batch
+    for n, context_candidates in enumerate(candidates):
+        for i, candidate in enumerate(context_candidates):
+            own = {(n, tuple(candidate[:j])) for j in range(len(candidate))}
+            if batch and len(positions | own) > logit_rows:
+                _score_batch(model, store, last_tokens, candidates, batch, scores)
+                batch, positions = [], set()
+            batch.append((n, i))
+            positions |= own
+    if batch:
+        _score_batch(model, store, last_tokens, candidates, batch, scores)
     return scores
 
 
-def _score_tails(model: Transformer, rows: list[tuple[int, int, list[int]]], context_len: torch.Tensor,
-                 prefix: PrefixKV, scores: list[list[float]]) -> None:
-    """Adds to ``scores[n][i]`` the logprobs of candidate tokens 1.. of each (request n, candidate i, tokens)."""
-    requests = torch.tensor([n for n, _, _ in rows], dtype=torch.int64)
-    prefix_len = context_len[requests]
-    # token j's logits score token j + 1
-    tokens, positions, own = packed([c[:-1] for _, _, c in rows], prefix_len.tolist())
-    cache = KVCache.for_model(model.config, len(rows), int(own.max()), model.dtype, model.device)
-    cache.prefix = prefix
-    step = Step.build(torch.repeat_interleave(torch.arange(len(rows)), own), positions, own, len(rows), prefix_len, requests)
-    logits = model.forward(tokens, step, cache, torch.arange(tokens.numel()))
-    targets = torch.tensor([t for _, _, c in rows for t in c[1:]], dtype=torch.int64, device=logits.device)
-    picked = (logits.gather(1, targets[:, None]).flatten() - torch.logsumexp(logits, dim=-1)).cpu()
-    for (n, i, _), tail in zip(rows, torch.split(picked.double(), own.tolist())):
+def _score_batch(model: Transformer, store: PrefixKV, last_tokens: list[int], candidates: list[list[list[int]]],
+                 batch: list[tuple[int, int]], scores: list[list[float]]) -> None:
+    """Adds each (context n, candidate i)'s summed logprob to ``scores[n][i]``, in one forward pass."""
+    sequences = [[last_tokens[n], *candidates[n][i][:-1]] for n, i in batch]  # token j's logits score candidate token j
+    contexts = torch.tensor([n for n, _ in batch], dtype=torch.int64)
+    prefix_len = store.lengths[contexts]
+    tokens, positions, own = packed(sequences, prefix_len.tolist())
+    cache = KVCache.for_model(model.config, len(batch), int(own.max()), model.dtype, model.device)
+    cache.prefix = store
+    prefix_of = torch.where(prefix_len > 0, contexts, -1)  # a one-token context has no stored part
+    step = Step.build(torch.repeat_interleave(torch.arange(len(batch)), own), positions, own, len(batch), prefix_len, prefix_of)
+    # One LM-head row per distinct (context, tokens before): the packed index where it first occurs.
+    row_of: dict[tuple[int, tuple[int, ...]], int] = {}
+    first_at, logit_row, targets, at = [], [], [], 0
+    for n, i in batch:
+        candidate = candidates[n][i]
+        for j, target in enumerate(candidate):
+            key = (n, tuple(candidate[:j]))
+            if key not in row_of:
+                row_of[key] = len(first_at)
+                first_at.append(at + j)
+            logit_row.append(row_of[key])
+            targets.append(target)
+        at += len(candidate)
+    logits = model.forward(tokens, step, cache, torch.tensor(first_at))
+    rows, targets = torch.tensor(logit_row, device=logits.device), torch.tensor(targets, device=logits.device)
+    picked = (logits[rows, targets] - torch.logsumexp(logits, dim=-1)[rows]).cpu().double()
+    for (n, i), tail in zip(batch, torch.split(picked, own.tolist())):
         scores[n][i] += float(tail.sum())
