@@ -6,10 +6,10 @@ random model (full vocabulary), greedy, three ways:
 
 - plain: no logprobs, no label scoring;
 - top-5: `--top-logprobs 5` (each generated token's 5 most likely alternatives);
-- labels: `--label-field label` (every label spelled where the answer names it and scored in one
-  batched engine call after the run's generation).
+- labels: `--label-field label` (every label spelled where the answer names it and scored as the
+  row finishes, from the row's own KV, before its slot is reused).
 
-Prints engine seconds (generation, plus label scoring where on), the extra engine time as a
+Prints engine seconds (generation, label scoring included where on), the extra engine time as a
 percentage of the plain run's, and the whole stage's wall time (parsing and the per-token records
 included) likewise.
 
@@ -57,7 +57,7 @@ def run_mode(model_dir: str, rows: list[dict], max_tokens: int, options: dict) -
         raise RuntimeError(f"{len(failed)} rows failed, e.g. {failed[0]['error']}")
     if options.get("label_field") and not any(r.get("label_probs") for r in results):
         raise RuntimeError("no row got label probabilities")
-    return {"engine": stats["engine_seconds"] + infer.label_seconds, "label": infer.label_seconds, "wall": wall,
+    return {"engine": stats["engine_seconds"], "label": infer.label_seconds, "wall": wall,
             "tokens": sum(r["completion_tokens"] for r in results)}
 
 

@@ -16,13 +16,14 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from ossbatch.engine.generate import SamplingParams, SharedPrefix, generate
+from ossbatch.engine.generate import Completion, SamplingParams, SharedPrefix, generate
 from ossbatch.engine.host_memory import fit_expert_cache
 from ossbatch.engine.model import Transformer
 from ossbatch.pipeline.bucket import pack_batches_by_prefix
 from ossbatch.pipeline.config import EngineConfig, Job
+from ossbatch.pipeline.label_probs import LabelScoring, LabelSpelling, label_fields
 from ossbatch.pipeline.logprobs import answer_logprobs, output_top_logprobs
-from ossbatch.pipeline.parse import parse_completion
+from ossbatch.pipeline.parse import ParsedCompletion, parse_completion
 from ossbatch.pipeline.render import REASONING_EFFORTS, render_prompt, stop_token_ids
 from ossbatch.pipeline.stops import StopStrings, cut_at_stop
 from ossbatch.pipeline.tools import call_id, call_spec
@@ -66,6 +67,19 @@ class _Prepared:
     logprobs: bool = False  # the request asked for its answer's logprobs (a Batch line's logprobs / include)
 
 
+@dataclass
+class _Outcome:
+    """A row's generation: its completion (None: generation failed, `error` says why) and the
+    constraint's error; with --label-field, its parse and label spelling, made as it finished."""
+
+    row: _Prepared
+    completion: Completion | None
+    error: str | None
+    parsed: ParsedCompletion | None = None
+    labelled: bool = False  # its schema makes --label-field an enum
+    spelling: LabelSpelling | None = None  # None when the answer names no label
+
+
 class ShardInferencer:
     """``infer(requests) -> (results, stats)`` for one job's shards. The model loads on the first
     call (or on ``.model``), so a job whose shards are all committed never loads it.
@@ -96,7 +110,6 @@ class ShardInferencer:
 
     def __call__(self, requests: list[dict]) -> tuple[list[dict], dict]:
         results: list[dict | None] = [None] * len(requests)
-        answer_spans: dict[int, list] = {}  # a row's final answer token spans, from its parse (for label scoring)
         prepared = []
         for i, request in enumerate(requests):
             if request.get("error"):
@@ -146,62 +159,33 @@ class ShardInferencer:
                     try:
                         outcomes += self._generate([row], [[0]], 1, stats)
                     except Exception as row_err:  # noqa: BLE001
-                        outcomes.append((row, None, f"generation: {_describe(row_err)}"))
-                if all(completion is None for _, completion, _ in outcomes):
+                        outcomes.append(_Outcome(row, None, f"generation: {_describe(row_err)}"))
+                if all(outcome.completion is None for outcome in outcomes):
                     raise err
             # Parsing in a thread behind the engine measured no faster on 2 cores: openai-harmony
             # holds the GIL, and the engine's many small ops wait for it (benchmarks/README.md).
-            for row, completion, constraint_error in outcomes:
+            for outcome in outcomes:
+                row, completion = outcome.row, outcome.completion
                 request = requests[row.index]
                 if completion is None:
-                    results[row.index] = _error_row(request, constraint_error)
+                    results[row.index] = _error_row(request, outcome.error)
                     continue
                 try:
-                    results[row.index], answer_spans[row.index] = self._result(request, row, completion, constraint_error)
+                    results[row.index] = self._result(request, row, completion, outcome.error, outcome.parsed)
                 except Exception as err:  # noqa: BLE001
                     results[row.index] = _error_row(request, f"parse/validation: {_describe(err)}") | {
                         "prompt_tokens": len(row.prompt), "completion_tokens": len(completion.token_ids)}
-            if self.label_field is not None:
-                self._score_labels(outcomes, results, answer_spans)
+                    continue
+                if outcome.labelled and results[row.index]["status"] != "error":
+                    results[row.index] |= label_fields(outcome.spelling, completion.continuation_logprobs)
         return results, stats
-
-    def _score_labels(self, outcomes: list[tuple], results: list[dict], answer_spans: dict[int, list]) -> None:
-        """label_probs and label_confidence of the run's rows whose schema makes --label-field an enum,
-        scored in one engine call (each row alone if that fails: then a row that fails alone is its error)."""
-        from ossbatch.pipeline.label_probs import label_enum, label_fields, score_labels, spell_labels
-
-        spelled = []
-        for row, completion, _ in outcomes:
-            labels = label_enum(row.schema, self.label_field)
-            if labels is None or completion is None or results[row.index].get("status") == "error":
-                continue
-            spelling = spell_labels(row.prompt, completion.token_ids, answer_spans[row.index], self.label_field, labels)
-            results[row.index] |= label_fields(spelling, None)
-            if spelling is not None:
-                spelled.append((row, spelling))
-        if not spelled:
-            return
-        started = time.perf_counter()
-        try:
-            scores = score_labels(self.model, [s for _, s in spelled])
-        except Exception:  # noqa: BLE001
-            scores = []
-            for row, spelling in spelled:
-                try:
-                    scores += score_labels(self.model, [spelling])
-                except Exception as err:  # noqa: BLE001
-                    scores.append(None)
-                    results[row.index] |= {"status": "error", "finish_reason": "error",
-                                           "error": f"label scoring: {_describe(err)}"}
-        self.label_seconds += time.perf_counter() - started
-        for (row, spelling), row_scores in zip(spelled, scores):
-            if row_scores is not None:
-                results[row.index] |= label_fields(spelling, row_scores)
 
     def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
                   prefixes: list[SharedPrefix] = ()) -> list[tuple]:
-        """(row, completion, constraint error) for one run of rows sharing a KV cache (and ``prefixes``)."""
+        """Each row's outcome, for one run of rows sharing a KV cache (and ``prefixes``). With
+        --label-field, each row's labels are scored as it finishes, from its own KV."""
         constraint = _batch_constraint(rows, self.model.config.vocab_size)
+        labels = LabelScoring([(r.prompt, r.schema, r.functions) for r in rows], self.label_field) if self.label_field else None
         started = time.perf_counter()
         completions, gen = generate(
             self.model,
@@ -216,6 +200,7 @@ class ShardInferencer:
             slots=slots,
             shared_prefixes=list(prefixes),
             on_step=self.on_progress,
+            continuations=labels,
         )
         stats["engine_seconds"] += time.perf_counter() - started
         stats["padded_prompt_slots"] += gen.padded_prompt_slots
@@ -224,8 +209,12 @@ class ShardInferencer:
         stats["kv_bytes_saved"] += gen.kv_bytes_saved
         stats["kv_cache_bytes"] = max(stats["kv_cache_bytes"], gen.kv_cache_bytes)  # runs hold theirs one at a time
         stats["batches"] += 1
+        self.label_seconds += gen.scoring_seconds
         errors = constraint.errors() if constraint is not None else [None] * len(rows)
-        return list(zip(rows, completions, errors))
+        if labels is None:
+            return [_Outcome(row, completion, error) for row, completion, error in zip(rows, completions, errors)]
+        return [_Outcome(row, completion, error, labels.parsed.get(n), n in labels.spellings, labels.spellings.get(n))
+                for n, (row, completion, error) in enumerate(zip(rows, completions, errors))]
 
     def _prepare(self, index: int, request: dict) -> _Prepared:
         s = self.settings
@@ -275,11 +264,13 @@ class ShardInferencer:
                          top_logprobs=int(_first(request.get("top_logprobs"), s.top_logprobs)),
                          logprobs=bool(request.get("logprobs")))
 
-    def _result(self, request: dict, row: _Prepared, completion, constraint_error: str | None) -> tuple[dict, list]:
-        """The row's result, and its final answer's token spans (from the same parse)."""
+    def _result(self, request: dict, row: _Prepared, completion: Completion, constraint_error: str | None,
+                parsed: ParsedCompletion | None = None) -> dict:
+        """The row's result (``parsed``: its parse, where label scoring made it already)."""
         from ossbatch.pipeline.answer import answer_fields, validate_answer  # re2 and jsonschema: only once rows run
 
-        parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
+        if parsed is None:
+            parsed = parse_completion(completion.token_ids, completion.finish_reason, row.functions)
         result = _base_row(request) | {
             "status": parsed.status,
             "finish_reason": parsed.finish_reason,
@@ -317,7 +308,7 @@ class ShardInferencer:
         if row.logprobs:
             result["answer_logprobs"] = answer_logprobs(completion.token_ids, completion.logprobs, completion.top_logprobs,
                                                         parsed.answer_spans)
-        return result, parsed.answer_spans
+        return result
 
 
 def _refill_runs(buckets: list[list[int]], lengths: list[int], budgets: list[int], batch_tokens: int, max_rows: int):

@@ -6,8 +6,9 @@ answer would spell it: the JSON text from the last token boundary before the val
 carries the value's opening quote), the label as a JSON string, and the answer's text up to the
 next token boundary after the value (the closing quote often rides with ``}`` or ``,``). Each
 spelling's tokens are scored by the engine given everything before them (prompt, reasoning and
-the answer so far), and the scores are normalised over the allowed labels (a softmax of the summed
-logprobs). The distribution is the model's raw one, as for ``output_logprobs``: no temperature,
+the answer so far) as the row finishes, from the row's own KV (`engine.generate`'s continuations:
+nothing is prefilled again), and the scores are normalised over the allowed labels (a softmax of
+the summed logprobs). The distribution is the model's raw one, as for ``output_logprobs``: no temperature,
 no grammar mask (the grammar only allows these labels, so normalising over them is its mask).
 """
 
@@ -18,15 +19,17 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ossbatch.engine.score import ScoreRequest, score_continuations
+from ossbatch.engine.generate import Continuations
 from ossbatch.pipeline.logprobs import encode_text, token_bytes
+from ossbatch.pipeline.parse import ParsedCompletion, parse_completion
 
 
 @dataclass(frozen=True)
 class LabelSpelling:
     """A row's scoring request: the tokens before the label, and each label's tokens from there."""
 
-    context: list[int]
+    context: list[int]  # the prompt and the first `after` generated tokens
+    after: int
     labels: list[str]
     candidates: list[list[int]]
     chosen: str  # the label the answer names
@@ -116,7 +119,7 @@ def spell_labels(prompt: list[int], token_ids: list[int], answer_spans: list[tup
     spelled = {label: json.dumps(label, ensure_ascii=False) for label in labels}
     spelled[chosen] = text[span[0]:span[1]]  # as the answer wrote it
     candidates = [encode_text(lead + spelled[label] + tail) for label in labels]
-    return LabelSpelling(prompt + token_ids[: begin + cut], labels, candidates, chosen)
+    return LabelSpelling(prompt + token_ids[: begin + cut], begin + cut, labels, candidates, chosen)
 
 
 def normalised(scores: list[float]) -> list[float]:
@@ -134,6 +137,28 @@ def label_fields(spelling: LabelSpelling | None, scores: list[float] | None) -> 
     return {"label_probs": probs, "label_confidence": probs.get(spelling.chosen)}
 
 
-def score_labels(model, spellings: list[LabelSpelling]) -> list[list[float]]:
-    """Each spelling's labels' summed logprobs, in one batched engine call."""
-    return score_continuations(model, [ScoreRequest(s.context, s.candidates) for s in spellings])
+class LabelScoring:
+    """The engine's ``continuations`` for a run's rows (each a prompt, a schema text or None, its
+    function tools): a row whose schema makes ``field`` an enum has its answer parsed as it
+    finishes and every label spelled where the answer names one; the engine scores those from the
+    row's own KV. The parse is kept (``parsed``), so the row's result does not parse it again."""
+
+    def __init__(self, rows: list[tuple[list[int], str | None, frozenset[str]]], field: str):
+        self.rows, self.field = rows, field
+        self.parsed: dict[int, ParsedCompletion] = {}
+        self.spellings: dict[int, LabelSpelling | None] = {}  # rows with labels: their spelling, or None
+
+    def __call__(self, row: int, token_ids: list[int], finish_reason: str) -> Continuations | None:
+        prompt, schema, functions = self.rows[row]
+        labels = label_enum(schema, self.field)
+        if labels is None:
+            return None
+        self.spellings[row] = None
+        try:
+            self.parsed[row] = parsed = parse_completion(token_ids, finish_reason, functions)
+            self.spellings[row] = spell_labels(prompt, token_ids, parsed.answer_spans, self.field, labels)
+        except Exception:  # noqa: BLE001 - the row's result parses it again and reports the error
+            self.parsed.pop(row, None)
+            return None
+        spelling = self.spellings[row]
+        return Continuations(spelling.after, spelling.candidates) if spelling is not None else None
