@@ -6,7 +6,7 @@ what transformers gives (<= 1e-3)."""
 import pytest
 import torch
 
-from ossbatch.engine.generate import MIN_ROOT_TOKENS, SamplingParams, SharedPrefix, generate
+from ossbatch.engine.generate import MIN_ROOT_TOKENS, Continuations, SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.tiny_model import preset_config, write_random_checkpoint
 
@@ -142,39 +142,44 @@ def test_sharing_equals_transformers(checkpoint, model):
 
 TRITON_SCRIPT = """
 import json, sys, torch
-from ossbatch.engine.generate import MIN_ROOT_TOKENS, SamplingParams, SharedPrefix, generate
+from ossbatch.engine.generate import MIN_ROOT_TOKENS, Continuations, SamplingParams, SharedPrefix, generate
 from ossbatch.engine.model import Transformer
-prompts, shared = json.loads(sys.argv[2])
+prompts, shared, candidates = json.loads(sys.argv[2])
+score = lambda row, tokens, _: Continuations(len(tokens) // 2, candidates)  # noqa: E731
 shared = [SharedPrefix(tuple(rows), length) for rows, length in shared]
 params = [SamplingParams(max_tokens=5)] * len(prompts)
 model = Transformer.from_checkpoint(sys.argv[1], torch.float32, backend="triton")
 out = {}
 half = [list(range(4)), list(range(4, len(prompts)))]
-for name, kwargs in (("alone", {}), ("shared", dict(shared_prefixes=shared, slots=4, prefill_groups=half))):
+for name, kwargs in (("alone", {}), ("shared", dict(shared_prefixes=shared, slots=4, prefill_groups=half, continuations=score))):
     completions, _ = generate(model, prompts, params, [], logprobs=True, **kwargs)
-    out[name] = [(c.token_ids, c.logprobs) for c in completions]
+    out[name] = [(c.token_ids, c.logprobs, c.continuation_logprobs) for c in completions]
 print(json.dumps(out))
 """
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["two-prefixes", "header-above-prefixes"])
 def test_triton_backend_shares_as_torch_does(checkpoint, model, nested):
-    """The Triton backend under the interpreter (a subprocess: the interpreter is chosen at import)."""
+    """The Triton backend under the interpreter (a subprocess: the interpreter is chosen at import),
+    scoring continuations from the finished rows' slots as the torch backend does."""
     import json
     import os
     import subprocess
     import sys
 
     prompts, shared = _header_batch(6, MIN_ROOT_TOKENS)[:2] if nested else _batch(6)
-    arg = json.dumps([prompts, [[list(s.rows), s.length] for s in shared]])
+    candidates = [[1, 2], [1, 3], [40]]  # scored after half of each row's tokens
+    arg = json.dumps([prompts, [[list(s.rows), s.length] for s in shared], candidates])
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(checkpoint), arg], capture_output=True, text=True,
                           env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    torch_rows, _ = generate(model, prompts, [SamplingParams(max_tokens=5)] * len(prompts), [], logprobs=True)
-    for row, ((alone_tokens, alone_lp), (shared_tokens, shared_lp), expected) in enumerate(
+    torch_rows, _ = generate(model, prompts, [SamplingParams(max_tokens=5)] * len(prompts), [], logprobs=True,
+                             continuations=lambda row, tokens, _: Continuations(len(tokens) // 2, candidates))
+    for row, ((alone_tokens, alone_lp, _), (shared_tokens, shared_lp, shared_scores), expected) in enumerate(
             zip(result["alone"], result["shared"], torch_rows)):
         assert shared_tokens == alone_tokens == expected.token_ids, f"row {row}"
+        assert shared_scores == pytest.approx(expected.continuation_logprobs, abs=1e-4), f"row {row}"
         assert max(abs(a - b) for a, b in zip(alone_lp, shared_lp)) <= 1e-5, f"row {row}"
         assert max(abs(a - b) for a, b in zip(expected.logprobs, shared_lp)) <= 1e-3, f"row {row}"
 
