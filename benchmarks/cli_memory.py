@@ -1,6 +1,7 @@
 """`ossbatch` with a memory report: runs the command line's own `main` in this process, samples this
 process's anonymous and file-backed memory while it runs, and writes the engine's breakdown
-(`Transformer.memory_report()`) with the peaks to REPORT.json.
+(`Transformer.memory_report()`) with the peaks to REPORT.json, and ``host_budget``: how the last shard
+spent its --memory-budget (engine.memory_plan.HostBudget; the default budget when none was given).
 
     python benchmarks/cli_memory.py REPORT.json run --model M --input I --output O ...
 
@@ -14,6 +15,24 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+
+def record_host_budgets() -> list:
+    """Every HostBudget the run's shards fit their expert cache to, in order: pipeline.infer's
+    ``fit_expert_cache`` is wrapped for this process. (The plan's other copy, the ShardInferencer's
+    ``host_budget``, is garbage once the flow returns: gc finds it only until the collector next
+    runs, which is left to chance; the 20b run outside a cgroup reported no budget, read as 0.00 GiB.)"""
+    import ossbatch.pipeline.infer as infer
+
+    plans = []
+    fit = infer.fit_expert_cache
+
+    def fit_and_record(*args, **kwargs):
+        plans.append(fit(*args, **kwargs))
+        return plans[-1]
+
+    infer.fit_expert_cache = fit_and_record
+    return plans
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +53,7 @@ def main(argv: list[str]) -> int:
     sampler.start()
     from ossbatch.flows.cli import main as cli
 
+    plans = record_host_budgets()
     started = time.perf_counter()
     rc = cli(args)
     seconds = time.perf_counter() - started
@@ -41,12 +61,10 @@ def main(argv: list[str]) -> int:
     sampler.join()
 
     from ossbatch.engine.model import Transformer
-    from ossbatch.pipeline.infer import ShardInferencer
 
-    models = [o for o in gc.get_objects() if isinstance(o, Transformer)]
-    budgets = [o.__dict__.get("host_budget") for o in gc.get_objects() if isinstance(o, ShardInferencer)]
+    models = [o for o in gc.get_objects() if isinstance(o, Transformer)]  # kept alive by pipeline.infer.load_engine's cache
     report = models[0].memory_report() if models else {}
-    budget = next((b for b in budgets if b is not None), None)
+    budget = next((plan for plan in reversed(plans) if plan is not None), None)  # None: no expert cache, or no rows ran
     report |= {"peak_anonymous": peak["anonymous"], "peak_file": peak["file"], "peak_rss_sampled": peak["rss"],
                "peak_rss": process_memory()["peak_rss"], "seconds": seconds, "rc": rc,
                "host_budget": dataclasses.asdict(budget) if budget else None}

@@ -10,13 +10,17 @@ The token counts come from the same parse: harmony's streaming parser says where
 ends, and a message's tokens count as output when harmony gives it the ``final`` channel, from
 its header's ``<|channel|>`` on, or makes it a call, from after its ``<|start|>assistant`` (that
 announcement counts as reasoning, as the first message's lies in the prompt).
+
+A header's ``<|constrain|>TYPE`` is the message's content type, never its recipient: harmony
+(0.0.8) reads a lone one after the channel, as in ``<|channel|>final <|constrain|>json``, as the
+recipient (openai/harmony#144), so each parsed message's header is read again here.
 """
 
 from dataclasses import dataclass, field
 
-from openai_harmony import HarmonyError, Role, StreamableParser, StreamState
+from openai_harmony import HarmonyError, Message, Role, StreamableParser, StreamState
 
-from ossbatch.pipeline.harmony import CALL, CHANNEL, END, MESSAGE, RETURN, START, harmony_encoding
+from ossbatch.pipeline.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START, harmony_encoding
 from ossbatch.pipeline.tools import function_name
 
 _CLOSERS = frozenset((END, RETURN, CALL))
@@ -53,7 +57,7 @@ def parse_completion(token_ids: list[int], finish_reason: str, functions: frozen
         error = None
     except HarmonyError as err:
         error = err
-    messages = parser.messages
+    messages = [_constraint_not_recipient(message) for message in parser.messages]
     if error is None and len(messages) > len(spans):  # a truncated last message, closed by process_eos
         spans.append((spans[-1][1] if spans else 0, len(token_ids)))
     output_tokens = sum(_output_tokens(token_ids, span) for span, m in zip(spans, messages)
@@ -100,6 +104,16 @@ def final_content_spans(token_ids: list[int]) -> list[tuple[int, int]]:
     parsed as truncated); `parse_completion` gives the same as ``answer_spans``."""
     truncated = not token_ids or token_ids[-1] not in _CLOSERS
     return parse_completion(token_ids, "length" if truncated else "stop").answer_spans
+
+
+def _constraint_not_recipient(message: Message) -> Message:
+    """The message with a recipient harmony read from a ``<|constrain|>TYPE`` made its content type
+    (a header ``final <|constrain|>json`` is a constrained answer, not a message to ``<|constrain|>json``)."""
+    marker = harmony_encoding().decode([CONSTRAIN])
+    if not message.recipient or not message.recipient.startswith(marker):
+        return message
+    # "<|constrain|> json" (a space after the marker) reads as recipient "<|constrain|>", content type "json"
+    return message.model_copy(update={"recipient": None, "content_type": message.recipient + (message.content_type or "")})
 
 
 def _content_span(token_ids: list[int], span: tuple[int, int]) -> tuple[int, int]:

@@ -53,6 +53,9 @@ def test_a_cli_run_keeps_its_anonymous_memory_within_the_budget(job):
     layers, heads, kv_heads = SHAPE["num_hidden_layers"], SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
     qkv_rows = (heads + 2 * kv_heads) * SHAPE["head_dim"]
     assert free["weights_copied"] == layers * (2 * qkv_rows + 4 * heads)
+    # With no --memory-budget the report still says what the run had: the default budget, whose cache it filled.
+    default = free["host_budget"]
+    assert default["budget_bytes"] > free["peak_anonymous"] and default["expert_cache_bytes"] == free["expert_cache_budget"]
 
     budget = free["peak_anonymous"] - free["expert_cache"] // 2
     held = run_cli(tmp, model, "budgeted", "--memory-budget", str(budget))

@@ -1,7 +1,9 @@
 """ossbatch.pipeline.parse: harmony completions parsed into reasoning and answer."""
 
-from ossbatch.pipeline.harmony import harmony_encoding
-from ossbatch.pipeline.parse import parse_completion
+from openai_harmony import Conversation, Message, Role
+
+from ossbatch.pipeline.harmony import CHANNEL, CONSTRAIN, RETURN, START, harmony_encoding
+from ossbatch.pipeline.parse import final_content_spans, parse_completion
 
 
 def _completion(text: str) -> list[int]:
@@ -52,3 +54,69 @@ def test_truncated_final_answer_counts_as_output():
     parsed = parse_completion(head + tail, "length")
     assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", "Posi", "Hmm.")
     assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(head), len(tail))
+
+
+def _rendered_completion(answer: str, content_type: str | None) -> list[int]:
+    """A reasoning message, then a final answer, as harmony's own renderer writes them, less the
+    prompt's ``<|start|>assistant`` (a constrained answer's header: ``final <|constrain|>json``)."""
+    enc = harmony_encoding()
+    reasoning = Message.from_role_and_content(Role.ASSISTANT, "Think it over.").with_channel("analysis")
+    final = Message.from_role_and_content(Role.ASSISTANT, answer).with_channel("final")
+    if content_type is not None:
+        final = final.with_content_type(content_type)
+    tokens = enc.render(reasoning) + enc.render_conversation_for_training(Conversation.from_messages([final]))
+    assert tokens[:2] == [START, *enc.encode("assistant")] and tokens[-1] == RETURN
+    return tokens[2:]
+
+
+def test_constrained_final_header_is_the_answer_with_its_tokens():
+    """harmony renders a JSON answer's header ``<|channel|>final <|constrain|>json``: the message is
+    the final answer (harmony's parser alone reads ``<|constrain|>json`` as a recipient)."""
+    answer = '{"verdict":"yes","why":"it says so"}'
+    tokens = _rendered_completion(answer, "<|constrain|>json")
+    assert CONSTRAIN in tokens
+    parsed = parse_completion(tokens, "stop")
+    assert (parsed.status, parsed.finish_reason, parsed.error) == ("ok", "stop", None)
+    assert (parsed.output_text, parsed.reasoning_text, parsed.tool_calls) == (answer, "Think it over.", None)
+    answer_tokens = harmony_encoding().encode(answer)
+    stop = len(tokens) - 1  # before <|return|>
+    assert parsed.answer_spans == [(stop - len(answer_tokens), stop)]
+    assert tokens[stop - len(answer_tokens):stop] == answer_tokens
+    final_header = len(tokens) - 1 - tokens[::-1].index(CHANNEL)  # the answer's <|channel|>
+    assert (parsed.reasoning_tokens, parsed.output_tokens) == (final_header, len(tokens) - final_header)
+    assert final_content_spans(tokens) == parsed.answer_spans
+
+
+def test_constrained_and_plain_final_headers_parse_alike():
+    """Only the header's length differs: the plain header's parse is the constrained one's, its
+    answer span and output count shorter by ``␣<|constrain|>json``."""
+    answer = '{"verdict":"no"}'
+    constrained = parse_completion(_rendered_completion(answer, "<|constrain|>json"), "stop")
+    plain_tokens = _rendered_completion(answer, None)
+    assert CONSTRAIN not in plain_tokens
+    plain = parse_completion(plain_tokens, "stop")
+    shift = len(harmony_encoding().encode(" <|constrain|>json", allowed_special="all"))
+    assert shift == 3
+    assert (plain.status, plain.output_text, plain.reasoning_text, plain.tool_calls, plain.finish_reason) == (
+        constrained.status, constrained.output_text, constrained.reasoning_text, constrained.tool_calls, constrained.finish_reason)
+    assert plain.answer_spans == [(start - shift, stop - shift) for start, stop in constrained.answer_spans]
+    assert (plain.reasoning_tokens, plain.output_tokens) == (constrained.reasoning_tokens, constrained.output_tokens - shift)
+
+
+def test_truncated_constrained_answer_is_the_answer_so_far():
+    head = _completion("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant")
+    tail = _completion('<|channel|>final <|constrain|>json<|message|>{"verd')
+    parsed = parse_completion(head + tail, "length")
+    assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", '{"verd', "Hmm.")
+    assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(head), len(tail))
+    assert parsed.answer_spans == [(len(tokens := head + tail) - len(_completion('{"verd')), len(tokens))]
+
+
+def test_constrained_call_header_is_still_a_call():
+    """``<|constrain|>json`` after a ``to=functions.NAME`` recipient stays that call's content type."""
+    head = _completion("<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant")
+    call = _completion('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}<|call|>')
+    parsed = parse_completion(head + call, "stop", frozenset({"get_weather"}))
+    assert (parsed.status, parsed.finish_reason, parsed.output_text) == ("ok", "tool_calls", None)
+    assert parsed.tool_calls == [{"name": "get_weather", "arguments": '{"city":"Oslo"}'}]
+    assert parsed.answer_spans == [] and parsed.output_tokens == len(call)
