@@ -93,15 +93,16 @@ def test_the_answers_own_label_is_spelled_as_generated(labeled):
             assert tail and text.startswith(lead) and not lead.strip(' \t\r\n:"') and not tail.strip('"')[1:].strip(" \t\r\n,}")
 
 
-def test_canonical_answer_tokens_are_the_chosen_labels_candidate():
+@pytest.mark.parametrize("constrained", [False, True], ids=["final", "final-constrain-json"])
+def test_canonical_answer_tokens_are_the_chosen_labels_candidate(constrained):
     """Where the answer is written in the canonical tokens, the chosen label's candidate is exactly
-    the answer's own tokens after the cut (so its score is the sampled tokens' logprobs)."""
-    from ossbatch.pipeline.harmony import CHANNEL, END, MESSAGE, RETURN, START
+    the answer's own tokens after the cut (so its score is the sampled tokens' logprobs), under the
+    final header the grammar forces and under harmony's constrained one alike."""
+    from ossbatch.pipeline.harmony import CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
 
     answer = encode_text('{"verdict":"maybe not","why":"x"}')  # '{"', 'verd', 'ict', '":"', ...
-    # The final header as the grammar forces it (harmony's parser reads "final <|constrain|>json" as a
-    # recipient, so such a completion is that row's parse error and is never scored).
-    header = [START, *encode_text("assistant"), CHANNEL, *encode_text("final"), MESSAGE]
+    content_type = [*encode_text(" "), CONSTRAIN, *encode_text("json")] if constrained else []
+    header = [START, *encode_text("assistant"), CHANNEL, *encode_text("final"), *content_type, MESSAGE]
     tokens = [CHANNEL, *encode_text("analysis"), MESSAGE, *encode_text("hmm"), END, *header, *answer, RETURN]
     spelling = spell_labels([1, 2], tokens, final_content_spans(tokens), "verdict", LABELS)
     start = len(tokens) - 1 - len(answer)
