@@ -269,7 +269,7 @@ def cli_memory_rows(label: str, mem: dict) -> list[list]:
 def memory_breakdown(report: dict) -> list[list]:
     """The engine's own account of the run's memory (Transformer.memory_report())."""
     gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
-    budget = report.get("host_budget") or {}
+    budget = report.get("host_budget")
     return [
         ["file-backed", "weights used in place from the checkpoint's mapping", gib(report["weights_mapped"])],
         ["file-backed", "resident at the peak sample (mapped weights touched, libraries)", gib(report["peak_file"])],
@@ -279,7 +279,7 @@ def memory_breakdown(report: dict) -> list[list]:
         ["anonymous", "logits buffer, largest", gib(report["logits"])],
         ["anonymous", "other at the end (Python, torch, tokenizer, Arrow, oneDNN caches)", gib(report["other"])],
         ["anonymous", "the process, peak (sampled every 10 ms)", gib(report["peak_anonymous"])],
-        ["budget", "--memory-budget (default: machine or cgroup less the mapping)", gib(budget.get("budget_bytes", 0))],
+        ["budget", "--memory-budget (default: machine or cgroup less the mapping)", gib(budget["budget_bytes"]) if budget else "none (no shard was planned)"],
     ]
 
 
