@@ -33,6 +33,14 @@ class LabelSpelling:
     labels: list[str]
     candidates: list[list[int]]
     chosen: str  # the label the answer names
+    # Leading tokens every candidate shares and the answer wrote right after the context (often
+    # '":"'): their logprob is the same for every label, so it cancels in the normalisation, and
+    # their KV is the row's own already. The engine scores the candidates after them.
+    shared: int = 0
+
+    def continuations(self) -> Continuations:
+        """What the engine scores for this row as it finishes, from the row's own KV."""
+        return Continuations(self.after + self.shared, [c[self.shared :] for c in self.candidates])
 
 
 @lru_cache(maxsize=256)
@@ -119,7 +127,12 @@ def spell_labels(prompt: list[int], token_ids: list[int], answer_spans: list[tup
     spelled = {label: json.dumps(label, ensure_ascii=False) for label in labels}
     spelled[chosen] = text[span[0]:span[1]]  # as the answer wrote it
     candidates = [encode_text(lead + spelled[label] + tail) for label in labels]
-    return LabelSpelling(prompt + token_ids[: begin + cut], begin + cut, labels, candidates, chosen)
+    after = begin + cut
+    shared = 0
+    while (shared < min(map(len, candidates)) - 1 and after + shared < len(token_ids)
+           and all(c[shared] == token_ids[after + shared] for c in candidates)):
+        shared += 1
+    return LabelSpelling(prompt + token_ids[:after], after, labels, candidates, chosen, shared)
 
 
 def normalised(scores: list[float]) -> list[float]:
@@ -161,4 +174,4 @@ class LabelScoring:
             self.parsed.pop(row, None)
             return None
         spelling = self.spellings[row]
-        return Continuations(spelling.after, spelling.candidates) if spelling is not None else None
+        return spelling.continuations() if spelling is not None else None

@@ -109,6 +109,9 @@ def test_canonical_answer_tokens_are_the_chosen_labels_candidate(constrained):
     cut = len(spelling.context) - 2
     chosen = spelling.candidates[LABELS.index("maybe not")]
     assert spelling.chosen == "maybe not" and tokens[cut:cut + len(chosen)] == chosen
+    # '":"' starts every spelling and is the answer's own: the engine scores the labels after it
+    scored = spelling.continuations()
+    assert spelling.shared == 1 and scored.after == cut + 1 and scored.candidates == [c[1:] for c in spelling.candidates]
     assert b"".join(token_bytes(t) for t in tokens[start:cut]) == b'{"verdict'
     spelled = b"".join(token_bytes(t) for t in chosen).decode()
     assert spelled.startswith('":"maybe not",')  # to the token boundary after the value
