@@ -1,5 +1,6 @@
 """ossbatch.pipeline.parse: harmony completions parsed into reasoning and answer."""
 
+import pytest
 from openai_harmony import Conversation, Message, Role
 
 from ossbatch.pipeline.harmony import CHANNEL, CONSTRAIN, RETURN, START, harmony_encoding
@@ -48,12 +49,16 @@ def test_counts_follow_harmonys_parse_when_a_header_is_spelled_in_several_tokens
     assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(reasoning), len(answer))
 
 
-def test_truncated_final_answer_counts_as_output():
+@pytest.mark.parametrize("header", ["<|channel|>final<|message|>", "<|channel|>final <|constrain|>json<|message|>"],
+                         ids=["final", "final-constrain-json"])
+def test_truncated_final_answer_is_the_answer_so_far(header):
+    """Cut off mid-answer, under the plain final header or harmony's constrained one: the answer so far."""
     head = _completion("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant")
-    tail = _completion("<|channel|>final<|message|>Posi")
+    tail = _completion(header + '{"verd')
     parsed = parse_completion(head + tail, "length")
-    assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", "Posi", "Hmm.")
+    assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", '{"verd', "Hmm.")
     assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(head), len(tail))
+    assert parsed.answer_spans == [(len(tokens := head + tail) - len(_completion('{"verd')), len(tokens))]
 
 
 def _rendered_completion(answer: str, content_type: str | None) -> list[int]:
@@ -101,15 +106,6 @@ def test_constrained_and_plain_final_headers_parse_alike():
         constrained.status, constrained.output_text, constrained.reasoning_text, constrained.tool_calls, constrained.finish_reason)
     assert plain.answer_spans == [(start - shift, stop - shift) for start, stop in constrained.answer_spans]
     assert (plain.reasoning_tokens, plain.output_tokens) == (constrained.reasoning_tokens, constrained.output_tokens - shift)
-
-
-def test_truncated_constrained_answer_is_the_answer_so_far():
-    head = _completion("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant")
-    tail = _completion('<|channel|>final <|constrain|>json<|message|>{"verd')
-    parsed = parse_completion(head + tail, "length")
-    assert (parsed.status, parsed.output_text, parsed.reasoning_text) == ("length", '{"verd', "Hmm.")
-    assert (parsed.reasoning_tokens, parsed.output_tokens) == (len(head), len(tail))
-    assert parsed.answer_spans == [(len(tokens := head + tail) - len(_completion('{"verd')), len(tokens))]
 
 
 def test_constrained_call_header_is_still_a_call():
