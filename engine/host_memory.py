@@ -140,10 +140,12 @@ def default_memory_budget(mapped_bytes: int) -> int:
     return max(room - mapped_bytes, 0)
 
 
-def fit_expert_cache(model, budget_bytes: int | None, batch_tokens: int, max_batch_rows: int, cap_bytes: int):
+def fit_expert_cache(model, budget_bytes: int | None, batch_tokens: int, max_batch_rows: int, cap_bytes: int,
+                     label_scoring: bool = False):
     """Sizes `model`'s expert cache to what `budget_bytes` of anonymous memory leaves once the
-    process as it stands and the batch's buffers are counted (engine/memory_plan.py `HostBudget`);
-    None: the default budget. Returns the plan (None for a model without an expert cache)."""
+    process as it stands and the batch's buffers are counted (engine/memory_plan.py `HostBudget`;
+    `label_scoring`: rows' labels are scored as they finish); None: the default budget. Returns the
+    plan (None for a model without an expert cache)."""
     from ossbatch.engine.memory_plan import plan_host_memory
 
     if model.experts is None:
@@ -151,6 +153,7 @@ def fit_expert_cache(model, budget_bytes: int | None, batch_tokens: int, max_bat
     if budget_bytes is None:
         budget_bytes = default_memory_budget(model.weights.host_bytes()["mapped"])
     in_use = process_memory()["anonymous"] - model.experts.used_bytes
-    plan = plan_host_memory(model.config, budget_bytes, in_use, batch_tokens, max_batch_rows, model.dtype.itemsize, cap_bytes)
+    plan = plan_host_memory(model.config, budget_bytes, in_use, batch_tokens, max_batch_rows, model.dtype.itemsize, cap_bytes,
+                            label_scoring)
     model.experts.resize(plan.expert_cache_bytes)
     return plan

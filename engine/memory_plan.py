@@ -40,6 +40,9 @@ from ossbatch.engine.config import ModelConfig
 GIB = 1 << 30
 MXFP4_BYTES_PER_32 = 17
 BF16 = 2
+# Positions whose float32 [V] logits one teacher-forced scoring pass holds (engine/score.py): a
+# row of gpt-oss's vocabulary is 0.8 MB.
+SCORING_LOGIT_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -304,10 +307,14 @@ class HostBudget:
     unpack_bytes: int  # one expert being unpacked: int32 codes and values
     expert_cache_bytes: int
     runtime_bytes: int = RUNTIME_GROWTH_BYTES
+    # Scoring labels as rows finish: their contexts copied out of the KV cache (at most half of it)
+    # and one scoring pass's logits with their log-softmax temporary.
+    scoring_bytes: int = 0
 
     @property
     def reserve_bytes(self) -> int:
-        return self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes + self.runtime_bytes
+        return (self.kv_bytes + self.logits_bytes + self.activation_bytes + self.unpack_bytes + self.runtime_bytes
+                + self.scoring_bytes)
 
     @property
     def shortfall_bytes(self) -> int:
@@ -316,13 +323,14 @@ class HostBudget:
 
 
 def plan_host_memory(config: ModelConfig, budget_bytes: int, in_use_bytes: int, batch_tokens: int, max_batch_rows: int,
-                     dtype_bytes: int, expert_cache_cap: int) -> HostBudget:
+                     dtype_bytes: int, expert_cache_cap: int, label_scoring: bool = False) -> HostBudget:
     kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     hidden, inter = config.hidden_size, config.intermediate_size
     activations = batch_tokens * activation_bytes_per_token(config) * max(dtype_bytes, BF16) // BF16
     unpack = 2 * inter * hidden * 2 + 3 * inter * hidden * dtype_bytes  # w1's int32 codes; w1 and w2 values
+    scoring = batch_tokens * kv_per_token // 2 + 2 * SCORING_LOGIT_ROWS * config.vocab_size * 4 if label_scoring else 0
     partial = HostBudget(budget_bytes, in_use_bytes, batch_tokens * kv_per_token, 2 * max_batch_rows * config.vocab_size * 4,
-                         activations, unpack, 0)
+                         activations, unpack, 0, scoring_bytes=scoring)
     room = budget_bytes - in_use_bytes - partial.reserve_bytes
     return HostBudget(**{**partial.__dict__, "expert_cache_bytes": max(min(room, expert_cache_cap), 0)})
 
@@ -331,8 +339,10 @@ def format_host_budget(plan: HostBudget) -> str:
     rows = [("memory budget (anonymous)", plan.budget_bytes), ("  in use with the model loaded", plan.in_use_bytes),
             ("  KV cache, a full batch", plan.kv_bytes), ("  logits buffers", plan.logits_bytes),
             ("  prefill activations", plan.activation_bytes), ("  unpacking one expert", plan.unpack_bytes),
-            ("  runtime growth (oneDNN, heap)", plan.runtime_bytes),
-            ("  expert cache", plan.expert_cache_bytes)]
+            ("  runtime growth (oneDNN, heap)", plan.runtime_bytes)]
+    if plan.scoring_bytes:
+        rows.append(("  label scoring", plan.scoring_bytes))
+    rows.append(("  expert cache", plan.expert_cache_bytes))
     text = "\n".join(f"{label:<32} {_size(size):>12}" for label, size in rows)
     if plan.shortfall_bytes:
         text += f"\nthe budget is {_size(plan.shortfall_bytes)} short of what the batch needs: lower --batch-tokens or --max-batch-rows"

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
+from ossbatch.engine.memory_plan import SCORING_LOGIT_ROWS as LOGIT_ROWS
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.step import Step, packed
-
-LOGIT_ROWS = 256  # positions whose [V] logits one pass materialises (a float32 row of gpt-oss's vocabulary is 0.8 MB)
 
 
 @dataclass(frozen=True)

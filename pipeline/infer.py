@@ -132,7 +132,8 @@ class ShardInferencer:
             # largest: --batch-tokens and --max-batch-rows, or less where the shard's rows need less.
             wanted = sum(len(p.prompt) + p.params.max_tokens for p in prepared)
             self.host_budget = fit_expert_cache(self.model, self.engine.memory_budget, min(self.batch_tokens, wanted),
-                                                min(self.max_batch_rows, len(prepared)), self.engine.expert_cache_bytes)
+                                                min(self.max_batch_rows, len(prepared)), self.engine.expert_cache_bytes,
+                                                label_scoring=self.label_field is not None)
         # Rows whose prompts share a prefix are bucketed together; a row's KV holds its own tokens only.
         buckets = pack_batches_by_prefix([p.prompt for p in prepared], budgets, self.batch_tokens, self.max_batch_rows,
                                          share=self.prefix_sharing)

@@ -146,7 +146,7 @@ def test_rows_by_context_skips_contexts_the_prefix_fills():
 
 
 def test_host_budget_gives_the_expert_cache_what_the_batch_leaves():
-    from ossbatch.engine.memory_plan import RUNTIME_GROWTH_BYTES, format_host_budget, plan_host_memory
+    from ossbatch.engine.memory_plan import RUNTIME_GROWTH_BYTES, SCORING_LOGIT_ROWS, format_host_budget, plan_host_memory
 
     c = GPT_OSS_20B
     plan = plan_host_memory(c, 4 * GIB, GIB // 2, batch_tokens=4096, max_batch_rows=8, dtype_bytes=2, expert_cache_cap=8 * GIB)
@@ -163,3 +163,8 @@ def test_host_budget_gives_the_expert_cache_what_the_batch_leaves():
     short = plan_host_memory(c, GIB, GIB // 2, 65536, 256, 2, 8 * GIB)
     assert short.expert_cache_bytes == 0 and short.shortfall_bytes > 0
     assert "--batch-tokens" in format_host_budget(short) and "--batch-tokens" not in format_host_budget(plan)
+    # Scoring labels as rows finish reserves half the KV cache (the contexts' copies) and a pass's logits.
+    scoring = plan_host_memory(c, 4 * GIB, GIB // 2, 4096, 8, 2, 8 * GIB, label_scoring=True)
+    assert scoring.scoring_bytes == plan.kv_bytes // 2 + 2 * SCORING_LOGIT_ROWS * c.vocab_size * 4 and plan.scoring_bytes == 0
+    assert scoring.expert_cache_bytes == plan.expert_cache_bytes - scoring.scoring_bytes
+    assert "label scoring" in format_host_budget(scoring) and "label scoring" not in format_host_budget(plan)
