@@ -354,9 +354,10 @@ def sample_and_stop(logits: torch.Tensor, live: torch.Tensor, settings: RowSetti
     (with its logprob, and its top alternatives, under the unmasked distribution, or the masked one
     renormalised when `outputs.masked`) and returns which rows ended."""
     raw = logits  # the model's distribution, before any mask
-    logits = adjust_logits(logits, live, settings.presence, settings.frequency, settings.bias, outputs.tokens, outputs.count)
+    # Under a constraint the logits to mask are copied into its buffer, once, adjusted there.
+    logits = adjust_logits(logits, live, settings.presence, settings.frequency, settings.bias, outputs.tokens, outputs.count,
+                           out=masked_buffer[: live.numel()] if constraint is not None else None)
     if constraint is not None:
-        logits = masked_buffer[: live.numel()].copy_(logits)
         constraint.apply(logits, live.tolist())
     scored = logits if outputs.masked else raw  # the distribution the logprobs are recorded under
     log_normalizer = torch.logsumexp(scored, dim=-1) if outputs.logprobs is not None or outputs.top else None

@@ -72,21 +72,23 @@ def adjust_logits(
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (batch rows, token ids, values): every row's logit_bias
     generated: torch.Tensor,  # [B, T] int64, tokens generated so far
     counts: torch.Tensor,  # [B] int64, how many of them each row has
+    out: torch.Tensor | None = None,  # [M, V]: where the result goes (a mask's buffer), whether adjusted or not
 ) -> torch.Tensor:
     """OpenAI's logit_bias and presence/frequency penalties, before sampling and masks:
 
         logit[j] += bias[j] - frequency * c[j] - presence * (c[j] > 0)
 
-    with c[j] the times token j was generated so far by that row. Returns ``logits`` itself
-    when no live row asks for any of them (so the raw distribution is never modified)."""
+    with c[j] the times token j was generated so far by that row. Without ``out``, returns
+    ``logits`` itself when no live row asks for any of them, else a copy (so the raw distribution
+    is never modified); with it, the logits are copied into ``out`` once and adjusted there."""
     bias_rows, bias_tokens, bias_values = bias
     penalised = (presence[rows] != 0) | (frequency[rows] != 0)
     position = torch.full((presence.numel(),), -1, dtype=torch.int64)
     position[rows] = torch.arange(rows.numel())
     biased = position[bias_rows] >= 0 if bias_rows.numel() else bias_rows.bool()
     if not bool(penalised.any()) and not bool(biased.any()):
-        return logits
-    logits = logits.clone()
+        return logits if out is None else out.copy_(logits)
+    logits = logits.clone() if out is None else out.copy_(logits)
     if bool(biased.any()):
         at = position[bias_rows[biased]].to(logits.device)
         logits.index_put_((at, bias_tokens[biased].to(logits.device)), bias_values[biased].to(logits.device), accumulate=True)

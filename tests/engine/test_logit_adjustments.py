@@ -44,6 +44,11 @@ def test_adjust_logits_is_openais_definition():
         p = params[row]
         expected = _direct(before[k], history[row], p.presence_penalty, p.frequency_penalty, p.logit_bias)
         assert torch.allclose(adjusted[k], expected), row
+    # Into a mask's buffer: the same values, written there, the raw logits still untouched.
+    buffer = torch.full((len(live) + 2, V), float("nan"))
+    into = adjust_logits(logits, live, settings.presence, settings.frequency, settings.bias, outputs.tokens, outputs.count,
+                         out=buffer[: len(live)])
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, adjusted) and torch.equal(logits, before)
 
 
 def test_nothing_asked_returns_the_logits_themselves():
@@ -52,6 +57,10 @@ def test_nothing_asked_returns_the_logits_themselves():
     logits = torch.randn(2, V)
     assert adjust_logits(logits, torch.tensor([0, 1]), settings.presence, settings.frequency, settings.bias,
                          outputs.tokens, outputs.count) is logits
+    buffer = torch.zeros(2, V)  # a mask's buffer still gets them, copied
+    into = adjust_logits(logits, torch.tensor([0, 1]), settings.presence, settings.frequency, settings.bias,
+                         outputs.tokens, outputs.count, out=buffer)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(buffer, logits)
 
 
 def test_bias_steers_sampling_but_logprobs_stay_raw():
