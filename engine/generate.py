@@ -178,7 +178,8 @@ class Forward:
         self.root = _common_root(prefixes)  # what every prefix begins with: prefilled once, stored as prefix id len(prefixes)
         if prefixes:
             stored = prefixes + ([self.root] if self.root else [])
-            self.cache.prefix = PrefixKV(model.config, [len(p) for p in stored], model.dtype, model.device)
+            parents = [len(prefixes) if self.root else -1] * len(prefixes) + ([-1] if self.root else [])
+            self.cache.prefix = PrefixKV(model.config, [len(p) for p in stored], model.dtype, model.device, parents)
             self.prefix_ready = [False] * len(stored)
             self.prefix_len = torch.zeros(slots, dtype=torch.int64)
             self.prefix_of = torch.full((slots,), -1, dtype=torch.int64)
@@ -197,7 +198,8 @@ class Forward:
                 self.prefix_of[slots] = torch.tensor(prefix_ids, dtype=torch.int64)
             tokens, positions, lengths = packed([p[n:] for p, n in zip(prompts, offsets)], offsets)
             self.kv_len[slots] = lengths
-            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
+            step = Step.build(torch.repeat_interleave(slots, lengths), positions, self.kv_len, self.slots, self.prefix_len,
+                              self.prefix_of, self._prefix_parents)
             self.model.forward(tokens, step, self.cache, torch.cumsum(lengths, 0) - 1, out=self.logits[done : done + len(prompts)])
             padded += len(prompts) * int(lengths.max())
             self.computed += int(lengths.sum())
@@ -206,8 +208,9 @@ class Forward:
 
     def _prefill_prefixes(self, ids: list[int]) -> int:
         """Prefills the prefixes in a cache of their own, then keeps one copy of what rows will read.
-        With a common root, the root is prefilled once and each prefix computes only what follows
-        it, attending to the root's stored copy (a job-wide header above each prompt's n samples).
+        With a common root, the root is prefilled once and stored once; each prefix computes and
+        stores only what follows it, and reads the root's copy (a job-wide header above each
+        prompt's n samples).
         Returns the padded prompt slots."""
         if not ids:
             return 0
@@ -220,7 +223,8 @@ class Forward:
 
     def _prefill_into_store(self, ids: list[int], own: list[list[int]], parent: int | None = None) -> int:
         """Prefills `own` (each prefix's tokens past its parent's) in a scratch cache, attending to the
-        parent's stored KV, and stores each prefix whole. Returns the padded prompt slots."""
+        parent's stored KV, and stores them (the parent's keys stay the parent's). Returns the padded
+        prompt slots."""
         offset = int(self.cache.prefix.lengths[parent]) if parent is not None else 0
         tokens, positions, lengths = packed(own, [offset] * len(own))
         scratch = KVCache.for_model(self.model.config, len(ids), int(lengths.max()), self.model.dtype, self.model.device)
@@ -230,9 +234,9 @@ class Forward:
         else:
             scratch.prefix = self.cache.prefix
             step = Step.build(torch.repeat_interleave(rows, lengths), positions, lengths, len(ids),
-                              torch.full((len(ids),), offset), torch.full((len(ids),), parent))
+                              torch.full((len(ids),), offset), torch.full((len(ids),), parent), self._prefix_parents)
         self.model.forward(tokens, step, scratch, torch.cumsum(lengths, 0) - 1)
-        self.cache.prefix.store(ids, scratch, parent)
+        self.cache.prefix.store(ids, scratch)
         self.computed += int(lengths.sum())
         for p in ids:
             self.prefix_ready[p] = True
@@ -255,8 +259,12 @@ class Forward:
         if self.prefix_len is not None:
             positions += self.prefix_len[slots]
         self.kv_len[slots] += 1
-        step = Step.build(slots, positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of)
+        step = Step.build(slots, positions, self.kv_len, self.slots, self.prefix_len, self.prefix_of, self._prefix_parents)
         self.model.forward(tokens, step, self.cache, torch.arange(slots.numel()), out=self.logits[first : first + slots.numel()])
+
+    @property
+    def _prefix_parents(self) -> torch.Tensor | None:
+        return self.cache.prefix.parents if self.cache.prefix is not None else None
 
 
 class Outputs:

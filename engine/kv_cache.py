@@ -16,46 +16,57 @@ import torch
 class PrefixKV:
     """One copy of the keys and values of each shared prefix.
 
-    Full-attention layers keep the whole prefix. Windowed layers keep its last
-    ``window - 1`` positions, all that a query past the prefix can see;
-    ``start[layer][p]`` is the position of prefix p's first kept key (its index 0).
+    A prefix may continue another (its `parent`, e.g. a job-wide header above each prompt): it
+    then holds only the positions past its parent's length, and a row reads the whole chain,
+    level by level (`step.Step.prefixes`), so the parent's keys are stored once. Full-attention
+    layers keep every position a prefix holds. Windowed layers keep its last ``window - 1``
+    (fewer where it holds fewer), all that a query past the prefix can see; the positions before
+    are its parent's to keep. ``start[layer][p]`` is the position of prefix p's first kept key
+    (its index 0).
     """
 
-    def __init__(self, config, lengths: list[int], dtype: torch.dtype, device="cpu"):
+    def __init__(self, config, lengths: list[int], dtype: torch.dtype, device="cpu", parents: list[int] | None = None):
         self.lengths = torch.tensor(lengths, dtype=torch.int64)
+        self.parents = torch.tensor(parents if parents is not None else [-1] * len(lengths), dtype=torch.int64)
+        self.begins = torch.where(self.parents >= 0, self.lengths[self.parents.clamp(min=0)], 0)  # first position held
+        if bool(((self.begins >= self.lengths) & (self.parents >= 0)).any()):
+            raise ValueError("a prefix must be longer than its parent")
         self.k, self.v, self.start = [], [], []
         for layer in range(config.num_hidden_layers):
             window = config.window(layer)
-            kept = self.lengths.clamp(max=window - 1) if window else self.lengths
+            held = self.lengths - self.begins
+            kept = held.clamp(max=window - 1) if window else held
             shape = (len(lengths), max(int(kept.max()), 1), config.num_key_value_heads, config.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             self.start.append(self.lengths - kept)
 
-    def store(self, prefixes: list[int], filled: "KVCache", parent: int | None = None) -> None:
-        """Copies prefixes[i]'s keys and values from row i of a cache they were prefilled in. With a
-        `parent` (a stored prefix they all begin with), row i holds only the positions past the
-        parent's length, from index 0, and the positions before it are copied from the parent."""
-        parents = [-1 if parent is None else parent] * len(prefixes)
-        self.gather(prefixes, filled, list(range(len(prefixes))), self, parents)
+    def store(self, prefixes: list[int], filled: "KVCache") -> None:
+        """Copies prefixes[i]'s keys and values from row i of a cache it was prefilled in, which
+        holds the positions past its parent's length from index 0."""
+        self.gather(prefixes, filled, list(range(len(prefixes))), self, self.parents[prefixes].tolist())
 
-    def gather(self, prefixes: list[int], filled: "KVCache", rows: list[int], parent_store: "PrefixKV | None",
-               parents: list[int]) -> None:
+    def gather(self, prefixes: list[int], filled: "KVCache", rows: list[int], source: "PrefixKV | None",
+               source_ids: list[int]) -> None:
         """Copies prefix prefixes[i] from row rows[i] of `filled`, which holds the positions past
-        its parent's length from index 0; the positions before come from prefix parents[i] of
-        `parent_store` (-1: none, the row holds the prefix from position 0). A finished row's own
-        KV slot, under the shared prefix it read, becomes a prefix this way."""
+        prefix source_ids[i] of `source` from index 0 (-1: from position 0), and the positions
+        before from that prefix and its parents. A finished row's own KV slot, under the prefixes
+        it read, becomes one prefix of a store of its own this way (for scoring)."""
         for layer, start in enumerate(self.start):
-            for row, prefix, parent in zip(rows, prefixes, parents):
-                offset = int(parent_store.lengths[parent]) if parent >= 0 else 0
+            for row, prefix, source_id in zip(rows, prefixes, source_ids):
                 begin, end = int(start[prefix]), int(self.lengths[prefix])
-                split = max(begin, offset)  # positions from here on are in `filled`
-                if split > begin:  # the child keeps no earlier position than its parent does
-                    parent_begin = int(parent_store.start[layer][parent])
-                    self.k[layer][prefix, : split - begin] = parent_store.k[layer][parent, begin - parent_begin : split - parent_begin]
-                    self.v[layer][prefix, : split - begin] = parent_store.v[layer][parent, begin - parent_begin : split - parent_begin]
-                self.k[layer][prefix, split - begin : end - begin] = filled.k[layer][row, split - offset : end - offset]
-                self.v[layer][prefix, split - begin : end - begin] = filled.v[layer][row, split - offset : end - offset]
+                offset = int(source.lengths[source_id]) if source_id >= 0 else 0
+                low = max(begin, offset)  # positions from here on are in `filled`
+                self.k[layer][prefix, low - begin : end - begin] = filled.k[layer][row, low - offset : end - offset]
+                self.v[layer][prefix, low - begin : end - begin] = filled.v[layer][row, low - offset : end - offset]
+                level = source_id
+                while level >= 0 and begin < offset:  # what each prefix of the chain keeps, where this one keeps it
+                    level_start, level_end = int(source.start[layer][level]), int(source.lengths[level])
+                    low, high = max(begin, level_start), min(end, level_end)
+                    if high > low:
+                        self.k[layer][prefix, low - begin : high - begin] = source.k[layer][level, low - level_start : high - level_start]
+                        self.v[layer][prefix, low - begin : high - begin] = source.v[layer][level, low - level_start : high - level_start]
+                    level = int(source.parents[level])
 
     @property
     def nbytes(self) -> int:

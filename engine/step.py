@@ -61,8 +61,9 @@ class Step:
     query ``slots`` of member ``member_index``; queries sit at cache indices
     ``q_positions`` ``[M, q_len]`` and each member's cache is valid up to
     ``kv_len`` ``[M]`` after this step's writes.  ``whole_batch`` says every row
-    of the cache takes part (no cache copy).  ``prefix``: the tokens that also
-    attend to a shared prefix, or None.
+    of the cache takes part (no cache copy).  ``prefixes``: per level of the
+    shared prefixes' chain (a row's prefix, then the prefix that one continues,
+    ...), the tokens that also attend to a prefix of that level.
     """
 
     rows: torch.Tensor  # [N] int64
@@ -74,7 +75,7 @@ class Step:
     kv_len: torch.Tensor  # [M] int64
     whole_batch: bool
     cache_positions: torch.Tensor | None = None  # [N] int64; None: the positions
-    prefix: PrefixReads | None = None
+    prefixes: tuple[PrefixReads, ...] = ()
 
     def __post_init__(self):
         if self.cache_positions is None:
@@ -82,11 +83,13 @@ class Step:
 
     @classmethod
     def build(cls, rows: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor, batch: int,
-              prefix_len: torch.Tensor | None = None, prefix_of: torch.Tensor | None = None) -> "Step":
+              prefix_len: torch.Tensor | None = None, prefix_of: torch.Tensor | None = None,
+              prefix_parents: torch.Tensor | None = None) -> "Step":
         """`rows` must be sorted, each row's positions consecutive and ascending;
         `kv_len` is every batch row's valid cache length after this step;
         `prefix_len`/`prefix_of` (per batch row) the length and PrefixKV row of
-        the prefix a row shares (0 and -1: none)."""
+        the prefix a row shares (0 and -1: none); `prefix_parents` (per PrefixKV
+        row, -1: none) the prefix each continues (`PrefixKV.parents`)."""
         cache_positions = positions if prefix_len is None else positions - prefix_len[rows]
         members, member_index, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
         first = torch.cumsum(counts, 0) - counts
@@ -95,11 +98,15 @@ class Step:
         # Padding query slots repeat the row's last position: harmless, and never read back.
         q_positions[:] = (kv_len[members] - 1).clamp(min=0)[:, None]
         q_positions[member_index, slots] = cache_positions
-        prefix = PrefixReads.build(prefix_of[rows], positions) if prefix_of is not None else None
+        levels = []
+        level = prefix_of[rows] if prefix_of is not None else None
+        while level is not None and bool((level >= 0).any()):
+            levels.append(PrefixReads.build(level, positions))
+            level = torch.where(level >= 0, prefix_parents[level.clamp(min=0)], -1) if prefix_parents is not None else None
         return cls(rows, positions, members, member_index, slots, q_positions, kv_len[members], members.numel() == batch,
-                   cache_positions, prefix)
+                   cache_positions, tuple(levels))
 
     def to(self, device) -> "Step":
         tensors = (self.rows, self.positions, self.members, self.member_index, self.slots, self.q_positions, self.kv_len)
         return Step(*(t.to(device) for t in tensors), self.whole_batch, self.cache_positions.to(device),
-                    self.prefix.to(device) if self.prefix is not None else None)
+                    tuple(level.to(device) for level in self.prefixes))

@@ -234,17 +234,44 @@ def test_no_root_when_prefixes_share_little(model):
     assert stats.prompt_computed == sum(prefix_lengths) + sum(len(prompts[r]) - n for s, n in zip(shared, prefix_lengths) for r in s.rows) + len(prompts[7])
 
 
-def test_a_child_prefix_stores_its_parents_keys_then_its_own():
+def test_a_child_prefix_stores_only_its_own_keys():
+    """A prefix that continues another holds the positions past its parent's length (windowed
+    layers: their tail); the parent's keys are stored once, in the parent."""
     from ossbatch.engine.kv_cache import KVCache, PrefixKV
 
     config = preset_config("tiny", num_hidden_layers=2, sliding_window=4)  # layer 0 windowed, layer 1 full
-    store = PrefixKV(config, [7, 5], torch.float32)  # prefix 0 (7 tokens) continues the parent, prefix 1 (5)
+    store = PrefixKV(config, [12, 5], torch.float32, parents=[1, -1])  # prefix 0 (12 tokens) continues prefix 1 (5)
+    assert store.begins.tolist() == [5, 0] and store.start[0].tolist() == [9, 2] and store.start[1].tolist() == [5, 0]
     parent = KVCache.for_model(config, 1, 5, torch.float32)
-    child = KVCache.for_model(config, 1, 2, torch.float32)
+    child = KVCache.for_model(config, 1, 7, torch.float32)
     for layer in range(2):
         parent.k[layer][:] = torch.arange(5, dtype=torch.float32)[None, :, None, None]
-        child.k[layer][:] = torch.arange(5, 7, dtype=torch.float32)[None, :, None, None]
+        child.k[layer][:] = torch.arange(5, 12, dtype=torch.float32)[None, :, None, None]
     store.store([1], parent)
-    store.store([0], child, parent=1)
-    assert store.k[1][0, :, 0, 0].tolist() == list(range(7))
-    assert store.k[0][0, :3, 0, 0].tolist() == [4, 5, 6]  # the window's tail: one position from the parent
+    store.store([0], child)
+    assert store.k[1][0, :7, 0, 0].tolist() == list(range(5, 12)) and store.k[1][1, :5, 0, 0].tolist() == list(range(5))
+    assert store.k[0][0, :, 0, 0].tolist() == [9, 10, 11] and store.k[0][1, :3, 0, 0].tolist() == [2, 3, 4]
+    with pytest.raises(ValueError, match="longer than its parent"):
+        PrefixKV(config, [5, 5], torch.float32, parents=[1, -1])
+
+
+def test_a_finished_slot_is_gathered_with_its_whole_chain():
+    """Scoring's copy of a row's context: the root's, its prefix's, then the slot's own positions."""
+    from ossbatch.engine.kv_cache import KVCache, PrefixKV
+
+    config = preset_config("tiny", num_hidden_layers=2, sliding_window=4)
+    chain = PrefixKV(config, [6, 4], torch.float32, parents=[1, -1])  # root: 0..3, prefix: 4..5
+    for layer in range(2):
+        for p in range(2):
+            kept = chain.k[layer].shape[1]
+            chain.k[layer][p] = (torch.arange(kept) + chain.start[layer][p]).float()[:, None, None]
+    slot = KVCache.for_model(config, 2, 5, torch.float32)
+    for layer in range(2):
+        slot.k[layer][1] = torch.arange(6, 11, dtype=torch.float32)[:, None, None]  # the row's own positions 6..10
+    context = PrefixKV(config, [9], torch.float32)  # positions 0..8
+    context.gather([0], slot, [1], chain, [0])
+    assert context.k[1][0, :, 0, 0].tolist() == list(range(9))  # full layer: root, prefix, slot
+    assert context.k[0][0, :, 0, 0].tolist() == [6, 7, 8]  # windowed: the tail
+    short = PrefixKV(config, [7], torch.float32)  # positions 0..6: the window reaches back into the prefix
+    short.gather([0], slot, [1], chain, [0])
+    assert short.k[0][0, :, 0, 0].tolist() == [4, 5, 6]
