@@ -245,11 +245,11 @@ class Forward:
     def score(self, slots: list[int], context_lengths: list[int], last_tokens: list[int],
               candidates: list[list[list[int]]]) -> list[list[float]]:
         """Each candidate's summed logprob after its slot's first `context_lengths` tokens (prompt,
-        then generated), whose last is `last_tokens`: the tokens before it are in the slot (and its
-        shared prefix) already, so they are copied into a prefix store, not computed again."""
+        then generated), whose last is `last_tokens`: the tokens before it are in the slot (and the
+        shared prefixes it read) already, so they are copied into a prefix store, not computed again."""
         store = PrefixKV(self.model.config, [n - 1 for n in context_lengths], self.model.dtype, self.model.device)
-        parents = self.prefix_of[slots].tolist() if self.prefix_of is not None else [-1] * len(slots)
-        store.gather(list(range(len(slots))), self.cache, slots, self.cache.prefix, parents)
+        prefix_ids = self.prefix_of[slots].tolist() if self.prefix_of is not None else [-1] * len(slots)
+        store.gather(list(range(len(slots))), self.cache, slots, self.cache.prefix, prefix_ids)
         self.model.ensure_positions(max(n + len(c) for n, cs in zip(context_lengths, candidates) for c in cs))
         return score_after_prefixes(self.model, store, last_tokens, candidates)
 
@@ -310,7 +310,7 @@ class ScoringQueue:
     then. `score` runs them together (chunked so the copies of their contexts stay within half the
     cache) and frees their slots."""
 
-    def __init__(self, ask: Callable[[int, list[int], str], "Continuations | None"], forward: Forward,
+    def __init__(self, ask: Callable[[int, list[int], str], Continuations | None], forward: Forward,
                  scheduler: SlotScheduler, prompts: list[list[int]], outputs: Outputs):
         self.ask, self.forward, self.scheduler, self.prompts, self.outputs = ask, forward, scheduler, prompts, outputs
         self.held: list[tuple[int, Continuations]] = []
@@ -348,7 +348,7 @@ class ScoringQueue:
             self.scheduler.free(rows)
         self.seconds += time.perf_counter() - started
 
-    def _context_length(self, row: int, wanted: "Continuations") -> int:
+    def _context_length(self, row: int, wanted: Continuations) -> int:
         return len(self.prompts[row]) + wanted.after
 
     def _token(self, row: int, position: int) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ossbatch.engine.kv_cache import KVCache, PrefixKV
-from ossbatch.engine.memory_plan import SCORING_LOGIT_ROWS as LOGIT_ROWS
+from ossbatch.engine.memory_plan import SCORING_LOGIT_ROWS
 from ossbatch.engine.model import Transformer
 from ossbatch.engine.step import Step, packed
 
@@ -35,7 +35,8 @@ class ScoreRequest:
 @torch.inference_mode()
 def score_continuations(model: Transformer, requests: list[ScoreRequest], max_tokens: int = 32768) -> list[list[float]]:
     """Per request, per candidate: log P(candidate | context), the sum over its tokens.
-    ``max_tokens`` bounds the tokens (contexts, or candidates) one forward pass runs."""
+    ``max_tokens`` bounds the context tokens one prefill runs and the distinct positions one
+    scoring pass scores."""
     for n, request in enumerate(requests):
         if not request.context or not request.candidates or any(not c for c in request.candidates):
             raise ValueError(f"score request {n}: needs a non-empty context and non-empty candidates")
@@ -66,12 +67,12 @@ def _score_chunk(model: Transformer, requests: list[ScoreRequest], max_tokens: i
         store.store(filled, scratch)
         del scratch
     return score_after_prefixes(model, store, [r.context[-1] for r in requests], [r.candidates for r in requests],
-                                min(max_tokens, LOGIT_ROWS))
+                                min(max_tokens, SCORING_LOGIT_ROWS))
 
 
 @torch.inference_mode()
 def score_after_prefixes(model: Transformer, store: PrefixKV, last_tokens: list[int], candidates: list[list[list[int]]],
-                         logit_rows: int = LOGIT_ROWS) -> list[list[float]]:
+                         logit_rows: int = SCORING_LOGIT_ROWS) -> list[list[float]]:
     """Per context n (prefix n of `store`: its tokens but the last, `last_tokens[n]`), per candidate:
     the candidate's summed logprob. A pass holds at most `logit_rows` distinct positions' logits."""
     scores = [[0.0] * len(c) for c in candidates]

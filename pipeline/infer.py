@@ -182,7 +182,7 @@ class ShardInferencer:
         return results, stats
 
     def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
-                  prefixes: list[SharedPrefix] = ()) -> list[tuple]:
+                  prefixes: list[SharedPrefix] = ()) -> list[_Outcome]:
         """Each row's outcome, for one run of rows sharing a KV cache (and ``prefixes``). With
         --label-field, each row's labels are scored as it finishes, from its own KV."""
         constraint = _batch_constraint(rows, self.model.config.vocab_size)

@@ -8,8 +8,9 @@ next token boundary after the value (the closing quote often rides with ``}`` or
 spelling's tokens are scored by the engine given everything before them (prompt, reasoning and
 the answer so far) as the row finishes, from the row's own KV (`engine.generate`'s continuations:
 nothing is prefilled again), and the scores are normalised over the allowed labels (a softmax of
-the summed logprobs). The distribution is the model's raw one, as for ``output_logprobs``: no temperature,
-no grammar mask (the grammar only allows these labels, so normalising over them is its mask).
+the summed logprobs). The distribution is the model's raw one, as for ``output_logprobs``: no
+temperature, no grammar mask (the grammar only allows these labels, so normalising over them is
+its mask).
 """
 
 from __future__ import annotations
