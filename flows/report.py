@@ -13,6 +13,7 @@ import html
 import json
 import posixpath
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -120,6 +121,8 @@ def throughput_chart(manifest: dict) -> go.Figure:
     fig = go.Figure(go.Scatter(x=x, y=rates, mode="lines+markers", text=[f"shard {s['shard']}" for s in shards],
                                marker_color="#1d3557"))
     fig.update_xaxes(title="committed at" if timed else "shard").update_yaxes(title="completion tokens / s")
+    if timed:
+        _pad_lone_time(fig, x, timedelta(minutes=1))
     return _figure(fig, "Throughput per shard")
 
 
@@ -180,7 +183,17 @@ def trend_chart(history: list[dict]) -> go.Figure:
     fig = go.Figure(go.Scatter(x=[e.get("finished_at") for e in ordered], y=[e.get("accuracy") for e in ordered],
                                mode="lines+markers", marker_color="#e76f51"))
     fig.update_yaxes(title="accuracy", range=[0, 1], tickformat=".0%").update_xaxes(title="night")
+    _pad_lone_time(fig, [e.get("finished_at") for e in ordered], timedelta(days=1))
     return _figure(fig, "Accuracy over previous nights")
+
+
+def _pad_lone_time(fig: go.Figure, times: list[str | None], pad: timedelta) -> None:
+    """Plotly spans a time axis with one distinct point over a millisecond (ticks like
+    15:38:13.9995): centre the point in `pad` either side instead."""
+    distinct = {t for t in times if t}
+    if len(distinct) == 1:
+        at = datetime.fromisoformat(distinct.pop())
+        fig.update_xaxes(range=[(at - pad).isoformat(), (at + pad).isoformat()])
 
 
 # --------------------------------------------------------------------------- page

@@ -82,3 +82,13 @@ def test_label_and_eval_roots_add_their_charts(tmp_path):
 def test_report_of_a_folder_without_a_job_is_refused(tmp_path):
     with pytest.raises(report.InputError, match="no _manifest.json"):
         report.gather(str(tmp_path))
+
+
+def test_a_lone_time_point_gets_a_readable_axis():
+    """One shard, or the first night: the time axis spans the pad either side, not a millisecond."""
+    manifest = {"shards": [{"shard": 0, "seconds": 2.0, "tokens": {"completion": 10}, "committed_at": "2026-11-30T15:38:14+00:00"}]}
+    assert report.throughput_chart(manifest).layout.xaxis.range == ("2026-11-30T15:37:14+00:00", "2026-11-30T15:39:14+00:00")
+    nights = [{"finished_at": "2026-11-30T02:00:00+00:00", "accuracy": 0.5}]
+    assert report.trend_chart(nights).layout.xaxis.range == ("2026-11-29T02:00:00+00:00", "2026-12-01T02:00:00+00:00")
+    two = nights + [{"finished_at": "2026-12-01T02:00:00+00:00", "accuracy": 0.6}]
+    assert report.trend_chart(two).layout.xaxis.range is None  # plotly's own range
