@@ -326,9 +326,11 @@ class ScoringQueue:
             if wanted is None:
                 freed.append(row)
                 continue
-            if not 0 <= wanted.after <= count or not wanted.candidates or not all(wanted.candidates):
+            vocab = self.forward.model.config.vocab_size
+            if (not 0 <= wanted.after <= count or not wanted.candidates or not all(wanted.candidates)
+                    or not all(0 <= t < vocab for c in wanted.candidates for t in c)):
                 raise ValueError(f"row {row}: continuations need 0 <= after <= {count} generated tokens and "
-                                 f"non-empty candidates, got after={wanted.after}")
+                                 f"non-empty candidates of token ids below {vocab}, got after={wanted.after}")
             self.held.append((row, wanted))
         self.scheduler.free(freed)
 

@@ -83,3 +83,6 @@ def test_a_bad_continuation_names_its_row(model):
         generate(model, prompts, params, [], continuations=lambda row, tokens, _: Continuations(len(tokens) + (row == 2), [[1]]))
     with pytest.raises(ValueError, match="row 0: continuations need"):
         generate(model, prompts, params, [], continuations=lambda row, tokens, _: Continuations(0, [[1], []]))
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"row 0: continuations need .* token ids below {vocab}"):
+        generate(model, prompts, params, [], continuations=lambda row, tokens, _: Continuations(0, [[1], [vocab]]))
