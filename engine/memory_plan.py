@@ -69,6 +69,10 @@ class MemoryPlan:
     shared_prefix_tokens: int = 0  # prompt tokens every sequence shares, stored once
     prefix_kv_bytes: int = 0  # the one copy of the shared prefix
     max_batch_unshared: int = 0  # the batch if every sequence held its own copy of the prefix
+    # With label scoring (--label-field), finished rows' contexts are copied out of the KV cache (at
+    # most half of it) and one scoring pass holds its logits (engine/score.py).
+    scoring_bytes_per_sequence: int = 0
+    scoring_fixed_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -76,11 +80,11 @@ class MemoryPlan:
 
     @property
     def reserve_bytes(self) -> int:
-        return self.fixed_reserve_bytes + self.prefill_workspace_bytes
+        return self.fixed_reserve_bytes + self.prefill_workspace_bytes + self.scoring_fixed_bytes
 
     @property
     def bytes_per_sequence(self) -> int:
-        return self.kv_bytes_per_sequence + self.workspace_bytes_per_sequence
+        return self.kv_bytes_per_sequence + self.workspace_bytes_per_sequence + self.scoring_bytes_per_sequence
 
     @property
     def used_bytes(self) -> int:
@@ -145,6 +149,7 @@ def plan_memory(
     fixed_reserve_bytes: int = GIB,
     prefill_chunk_tokens: int = 8192,
     shared_prefix_tokens: int = 0,
+    label_scoring: bool = False,
 ) -> MemoryPlan:
     if gpu_memory_bytes <= 0 or max_context <= 0 or dtype_bytes <= 0:
         raise ValueError("gpu memory, max context and dtype bytes must be positive")
@@ -169,8 +174,14 @@ def plan_memory(
 
     prefill = min(prefill_chunk_tokens, max(max_context, 1)) * activation_bytes_per_token(config)
     per_sequence_workspace = 2 * config.vocab_size * 4
-    free = gpu_memory_bytes - weights - fixed_reserve_bytes - prefill
-    per_sequence = per_sequence_kv + per_sequence_workspace
+    # Scoring copies contexts up to half the cache's own tokens: full layers whole, windowed ones their tail.
+    def scoring_copies(own: int) -> int:
+        return kv_full * own // 2 + kv_windowed * min(max(config.sliding_window - 1, 0), max_context) if label_scoring else 0
+
+    scoring = scoring_copies(own_tokens)
+    scoring_fixed = 2 * SCORING_LOGIT_ROWS * config.vocab_size * 4 if label_scoring else 0
+    free = gpu_memory_bytes - weights - fixed_reserve_bytes - prefill - scoring_fixed
+    per_sequence = per_sequence_kv + per_sequence_workspace + scoring
     max_batch = max((free - prefix_kv) // per_sequence, 0) if shared_prefix_tokens else max(free // per_sequence, 0)
     return MemoryPlan(
         gpu_memory_bytes=gpu_memory_bytes,
@@ -194,7 +205,9 @@ def plan_memory(
         max_batch=max_batch,
         shared_prefix_tokens=shared_prefix_tokens,
         prefix_kv_bytes=prefix_kv if shared_prefix_tokens else 0,
-        max_batch_unshared=max(free // (unshared_kv + per_sequence_workspace), 0),
+        max_batch_unshared=max(free // (unshared_kv + per_sequence_workspace + scoring_copies(max_context)), 0),
+        scoring_bytes_per_sequence=scoring,
+        scoring_fixed_bytes=scoring_fixed,
     )
 
 
@@ -221,6 +234,9 @@ def format_plan(plan: MemoryPlan) -> str:
     rows.append(("reserve: CUDA context, workspaces, fragmentation", _size(plan.fixed_reserve_bytes)))
     rows.append((f"reserve: prefill chunk of {plan.prefill_chunk_tokens} tokens", _size(plan.prefill_workspace_bytes)))
     rows.append(("workspace per sequence (float32 logits x2)", _size(plan.workspace_bytes_per_sequence)))
+    if plan.scoring_fixed_bytes:
+        rows.append(("label scoring: contexts copied, per sequence (at most)", _size(plan.scoring_bytes_per_sequence)))
+        rows.append((f"label scoring: logits of one pass ({SCORING_LOGIT_ROWS} positions, x2)", _size(plan.scoring_fixed_bytes)))
     verdict = str(plan.max_batch) if plan.fits else "0 (weights and reserve do not fit)"
     rows.append(("largest static batch", verdict))
     if plan.shared_prefix_tokens:

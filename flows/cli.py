@@ -318,12 +318,13 @@ def cmd_plan(args) -> int:
     config = read_config(args.model)
     try:
         gpu = parse_bytes(args.gpu_memory)
-        plan = plan_memory(config, gpu, args.max_context, shared_prefix_tokens=args.shared_prefix_tokens)
+        plan = plan_memory(config, gpu, args.max_context, shared_prefix_tokens=args.shared_prefix_tokens,
+                           label_scoring=args.label_scoring)
     except ValueError as err:
         raise InputError(str(err)) from None
     print(format_plan(plan))
     print()
-    print(format_rows_by_context(rows_by_context(config, gpu, args.shared_prefix_tokens)))
+    print(format_rows_by_context(rows_by_context(config, gpu, args.shared_prefix_tokens, label_scoring=args.label_scoring)))
     return 0
 
 
@@ -558,6 +559,9 @@ def build_parser() -> Parser:
                       help="longest prompt + completion a row may have")
     plan.add_argument("--shared-prefix-tokens", type=int, default=0,
                       help="prompt tokens every row shares (e.g. the system + developer message), stored once (default: 0)")
+    plan.add_argument("--label-scoring", action="store_true",
+                      help="rows get label probabilities (ossbatch label, eval --grading choice, --label-field): "
+                           "reserve what scoring them takes")
     plan.set_defaults(func=cmd_plan)
 
     inspect = sub.add_parser("inspect", help="show a job's manifest and first failing rows",

@@ -168,3 +168,28 @@ def test_host_budget_gives_the_expert_cache_what_the_batch_leaves():
     assert scoring.scoring_bytes == plan.kv_bytes // 2 + 2 * SCORING_LOGIT_ROWS * c.vocab_size * 4 and plan.scoring_bytes == 0
     assert scoring.expert_cache_bytes == plan.expert_cache_bytes - scoring.scoring_bytes
     assert "label scoring" in format_host_budget(scoring) and "label scoring" not in format_host_budget(plan)
+
+
+def test_label_scoring_reserves_its_copies_and_logits():
+    """Scoring labels as rows finish copies their contexts out of the KV cache (at most half its
+    own tokens in full layers, the window's tail in windowed ones) and holds one pass's logits:
+    the plan reserves both, so fewer rows fit, and the batch still fits exactly."""
+    from ossbatch.engine.memory_plan import SCORING_LOGIT_ROWS
+
+    c = GPT_OSS_20B
+    plain = plan_memory(c, parse_bytes("16GiB"), 4096, shared_prefix_tokens=1500)
+    scoring = plan_memory(c, parse_bytes("16GiB"), 4096, shared_prefix_tokens=1500, label_scoring=True)
+    per_layer_token = 2 * c.num_key_value_heads * c.head_dim * 2
+    assert scoring.scoring_bytes_per_sequence == (plain.full_layers * per_layer_token * (4096 - 1500) // 2
+                                                  + plain.windowed_layers * per_layer_token * (c.sliding_window - 1))
+    assert scoring.scoring_fixed_bytes == 2 * SCORING_LOGIT_ROWS * c.vocab_size * 4 and plain.scoring_fixed_bytes == 0
+    assert 1 <= scoring.max_batch < plain.max_batch
+    assert scoring.used_bytes <= scoring.gpu_memory_bytes < scoring.used_bytes + scoring.bytes_per_sequence
+    assert "label scoring" in format_plan(scoring) and "label scoring" not in format_plan(plain)
+
+
+def test_plan_command_reserves_label_scoring(tiny_model_dir, capsys):
+    from ossbatch.flows.cli import main
+
+    assert main(["plan", "--model", str(tiny_model_dir), "--gpu-memory", "1GiB", "--max-context", "512", "--label-scoring"]) == 0
+    assert "label scoring: logits of one pass" in capsys.readouterr().out
