@@ -75,6 +75,28 @@ def test_label_probs_equal_transformers(labeled, tiny_model_dir):
     assert scored >= 3
 
 
+def test_refilled_slots_and_no_sharing_give_the_same_label_probs(labeled, tiny_model_dir, tmp_path):
+    """Two KV slots for six rows (finished rows hold their slot until scored, then it is refilled),
+    and the same rows without prefix sharing: every row's tokens and label_probs are the same."""
+    rows = [{"id": f"r{i}", "prompt": f"Is it {word}? Answer.", "schema": SCHEMA}
+            for i, word in enumerate(["good", "bad", "fine", "odd", "late", "sunny"])]
+    inputs = write_jsonl(tmp_path / "in.jsonl", rows)
+    for name, options in (("two-slots", dict(max_batch_rows=2)), ("unshared", dict(prefix_sharing=False))):
+        job = Job(model=str(tiny_model_dir), inputs=[inputs], output=str(tmp_path / name),
+                  options=JobOptions(max_tokens=60, temperature=1.0, max_reasoning_tokens=4, keep_token_ids=True,
+                                     logprobs=True, label_field="verdict", **options))
+        run_job(job_spec(job), ShardInferencer(job))
+        again = {r["id"]: r for r in pq.read_table(tmp_path / name / "data").to_pylist()}
+        assert sum(r["label_probs"] is not None for r in again.values()) >= 3, name
+        for row_id, row in labeled.items():
+            assert again[row_id]["output_token_ids"] == row["output_token_ids"], (name, row_id)
+            if row["label_probs"] is None:
+                assert again[row_id]["label_probs"] is None, (name, row_id)
+                continue
+            got, expected = dict(again[row_id]["label_probs"]), dict(row["label_probs"])
+            assert [got[k] for k in LABELS] == pytest.approx([expected[k] for k in LABELS], abs=1e-5), (name, row_id)
+
+
 def test_the_answers_own_label_is_spelled_as_generated(labeled):
     """Each label is spelled from the last token boundary before the value to the first after it;
     the context is the prompt and everything generated before that boundary."""
