@@ -47,7 +47,7 @@ from ossbatch.pipeline.read import (
 )
 from ossbatch.pipeline.storage import (
     LOCAL, LOCAL_PROTOCOLS, InputError, InputFile, Storage, compression_of, exists, expand_inputs, join, list_names,
-    protocol_of, read_json, remove, storage_error, write_json_atomic,
+    is_glob, lists_under, protocol_of, read_json, remove, storage_error, write_json_atomic,
 )
 from ossbatch.pipeline.batch_fields import served_names
 from ossbatch.pipeline.validate import BATCH_FIELDS, ECHO_COLUMN, PLAIN_FIELDS, load_schema, passthrough_of
@@ -390,7 +390,8 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _refuse_input_inside_output(inputs: list[str], output: str, work_dir: str, storage: Storage) -> None:
-    """--overwrite clears the output folder: an input inside it would be deleted before it is read."""
+    """--overwrite clears the output folder: an input inside it would be deleted before it is read.
+    An output inside a directory input would be read as input by the next run."""
     def where(uri: str) -> str:
         fs, path = storage.filesystem(uri)
         if protocol_of(fs.unstrip_protocol(path)) in LOCAL_PROTOCOLS:
@@ -403,6 +404,10 @@ def _refuse_input_inside_output(inputs: list[str], output: str, work_dir: str, s
         if any(_inside(path, t) for t in targets):
             raise InputError(f"--input {given} lies inside --output {output}: the job would read its own results "
                              "(and --overwrite would delete its input); write the output elsewhere")
+        fs, listed = storage.filesystem(given)
+        if not is_glob(given) and fs.isdir(listed) and lists_under(path, where(output)):
+            raise InputError(f"--output {output} lies inside --input {given}: the next run would read this job's "
+                             "results as its input; write the output elsewhere (or under a folder starting with '_')")
 
 
 def _changed(old: dict, new: dict) -> list[str]:

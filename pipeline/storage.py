@@ -194,13 +194,13 @@ class InputFile:
         return asdict(self)
 
 
-def _is_glob(path: str) -> bool:
+def is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
 def _listed(fs, path: str) -> list[tuple[str, dict]]:
     """(path, info) of the files under ``path`` (a file, a directory, or a glob), in a stable order."""
-    if _is_glob(path):
+    if is_glob(path):
         found = fs.glob(path, detail=True)
         return sorted(((p, i) for p, i in found.items() if i.get("type") == "file"), key=lambda item: item[0])
     try:
@@ -222,6 +222,13 @@ def _listed(fs, path: str) -> list[tuple[str, dict]]:
 
 def _hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
+
+
+def lists_under(directory: str, path: str) -> bool:
+    """Whether a directory input would read files under ``path``: it lies inside the directory,
+    under no hidden ("_" or ".") component."""
+    root = directory.rstrip("/") + "/"
+    return path.startswith(root) and not _hidden(path[len(root):])
 
 
 def version_tag(info: dict) -> str:

@@ -74,6 +74,20 @@ def test_an_input_inside_the_output_is_refused_before_anything_is_deleted(tiny_m
     assert sorted(p.name for p in out.iterdir()) == before and parquet_ids(out) == [f"r{i:05d}" for i in range(6)]
 
 
+def test_an_output_inside_a_directory_input_is_refused(tiny_model_dir, tmp_path, fake_engine, capsys):
+    """The next run would read this job's results as its input: refused, nothing written. A hidden
+    folder ('_' or '.'), which a directory input never reads, is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "rows.jsonl", prompt_rows(3))
+    assert run(tiny_model_dir, data, data / "out") == 2
+    assert "--output" in (line := one_line(capsys)) and "lies inside --input" in line
+    assert sorted(p.name for p in data.iterdir()) == ["rows.jsonl"]
+    assert run(tiny_model_dir, data, data / "_results") == 0
+    assert parquet_ids(data / "_results") == [f"r{i:05d}" for i in range(3)]
+    assert [f.uri for f in expand_inputs(str(data))] == [str(data / "rows.jsonl")]
+
+
 @pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"])
 def test_an_empty_input_writes_a_zero_row_part_with_the_full_schema(tiny_model_dir, tmp_path, fake_engine, content):
     (tmp_path / "in.jsonl").write_bytes(content)
