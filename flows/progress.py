@@ -85,7 +85,8 @@ class Progress:
     # ---------------------------------------------------------------- events
 
     def rows_done(self, rows: int, tokens: int) -> None:
-        """From the engine: ``rows`` finished and ``tokens`` generated since the last call."""
+        """From the engine: ``rows`` finished and ``tokens`` generated since the last call (``rows``
+        is negative when a failed batch's rows are taken back to run again one by one)."""
         with self._lock:
             self.shard_rows += rows
             self.shard_tokens += tokens

@@ -80,6 +80,24 @@ class _Outcome:
     spelling: LabelSpelling | None = None  # None when the answer names no label
 
 
+class _RowsHeard:
+    """``on_progress`` for one batch, counting the rows it reported finished: if the batch fails,
+    its rows run again one by one and report again, so those are taken back first."""
+
+    def __init__(self, report: Callable[[int, int], None] | None):
+        self.report, self.rows = report, 0
+
+    def __call__(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        if self.report is not None:
+            self.report(rows, tokens)
+
+    def take_back(self) -> None:
+        if self.report is not None and self.rows:
+            self.report(-self.rows, 0)
+        self.rows = 0
+
+
 class ShardInferencer:
     """``infer(requests) -> (results, stats)`` for one job's shards. The model loads on the first
     call (or on ``.model``), so a job whose shards are all committed never loads it.
@@ -150,11 +168,13 @@ class ShardInferencer:
                 if group_of[m].length:
                     shared.setdefault(id(group_of[m]), (group_of[m].length, []))[1].append(position[m])
             prefixes = [SharedPrefix(tuple(at), length) for length, at in shared.values()]
+            heard = _RowsHeard(self.on_progress)
             try:
-                outcomes = self._generate(rows, groups, slots, stats, prefixes)
+                outcomes = self._generate(rows, groups, slots, stats, prefixes, on_step=heard)
             except Exception as err:  # noqa: BLE001
                 # Which row broke the batch? Each alone: a poison row fails by itself, the rest run.
                 # When every row fails alone too, the engine is broken, not a row: stop the job.
+                heard.take_back()  # rows the batch reported finished run again, and report again
                 outcomes = []
                 for row in rows:
                     try:
@@ -182,7 +202,7 @@ class ShardInferencer:
         return results, stats
 
     def _generate(self, rows: list["_Prepared"], groups: list[list[int]], slots: int, stats: dict,
-                  prefixes: list[SharedPrefix] = ()) -> list[_Outcome]:
+                  prefixes: list[SharedPrefix] = (), on_step: Callable[[int, int], None] | None = None) -> list[_Outcome]:
         """Each row's outcome, for one run of rows sharing a KV cache (and ``prefixes``). With
         --label-field, each row's labels are scored as it finishes, from its own KV."""
         constraint = _batch_constraint(rows, self.model.config.vocab_size)
@@ -200,7 +220,7 @@ class ShardInferencer:
             prefill_groups=groups,
             slots=slots,
             shared_prefixes=list(prefixes),
-            on_step=self.on_progress,
+            on_step=on_step or self.on_progress,
             continuations=labels,
         )
         stats["engine_seconds"] += time.perf_counter() - started

@@ -121,3 +121,27 @@ def test_an_engine_that_fails_for_every_row_stops_the_shard(tiny_model_dir, monk
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
         infer_shard(requests)
+
+
+def test_a_failed_batchs_rows_are_counted_once_in_progress(tiny_model_dir, monkeypatch):
+    """The batch reports two rows finished, then fails; each row runs again alone and reports again:
+    the batch's two are taken back, so progress ends at the shard's rows, not above."""
+    from ossbatch.pipeline import infer
+    from ossbatch.pipeline.validate import normalize
+
+    real_generate = infer.generate
+
+    def generate(model, prompts, params, *args, **kwargs):
+        if len(prompts) > 1:  # the batch: two rows finish, then the engine fails
+            kwargs["on_step"](2, 8)
+            raise OverflowError("Overflow when unpacking long long")
+        return real_generate(model, prompts, params, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate", generate)
+    heard = []
+    infer_shard = ShardInferencer(Job(model=str(tiny_model_dir), inputs=["x"], output="y", options=JobOptions(max_tokens=3)))
+    infer_shard.on_progress = lambda rows, tokens: heard.append((rows, tokens))
+    requests = [normalize({"id": f"r{i}", "prompt": f"hi {i}"}, fallback_id="f", where="w") for i in range(4)]
+    results, _ = infer_shard(requests)
+    assert all(r["status"] in ("ok", "length") for r in results)
+    assert heard[:2] == [(2, 8), (-2, 0)] and sum(rows for rows, _ in heard) == 4
