@@ -139,6 +139,22 @@ def activation_bytes_per_token(config: ModelConfig) -> int:
     )
 
 
+def label_scoring_copy_bytes(config: ModelConfig, cache_tokens: int, rows: int, dtype_bytes: int) -> int:
+    """Label scoring's copies of finished rows' contexts out of a KV cache of `cache_tokens` positions
+    over `rows` rows (engine.generate.ScoringQueue): at most half its positions in full-attention
+    layers, the window's tail of each row in windowed ones."""
+    per_layer_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes  # K and V
+    windowed = sum(1 for layer in range(config.num_hidden_layers) if config.window(layer))
+    full = config.num_hidden_layers - windowed
+    tail = min(max(config.sliding_window - 1, 0), cache_tokens)
+    return full * per_layer_token * cache_tokens // 2 + rows * windowed * per_layer_token * tail
+
+
+def label_scoring_logits_bytes(config: ModelConfig) -> int:
+    """One scoring pass's float32 logits and their log-softmax temporary."""
+    return 2 * SCORING_LOGIT_ROWS * config.vocab_size * 4
+
+
 def plan_memory(
     config: ModelConfig,
     gpu_memory_bytes: int,
@@ -174,12 +190,8 @@ def plan_memory(
 
     prefill = min(prefill_chunk_tokens, max(max_context, 1)) * activation_bytes_per_token(config)
     per_sequence_workspace = 2 * config.vocab_size * 4
-    # Scoring copies contexts up to half the cache's own tokens: full layers whole, windowed ones their tail.
-    def scoring_copies(own: int) -> int:
-        return kv_full * own // 2 + kv_windowed * min(max(config.sliding_window - 1, 0), max_context) if label_scoring else 0
-
-    scoring = scoring_copies(own_tokens)
-    scoring_fixed = 2 * SCORING_LOGIT_ROWS * config.vocab_size * 4 if label_scoring else 0
+    scoring = label_scoring_copy_bytes(config, own_tokens, 1, dtype_bytes) if label_scoring else 0
+    scoring_fixed = label_scoring_logits_bytes(config) if label_scoring else 0
     free = gpu_memory_bytes - weights - fixed_reserve_bytes - prefill - scoring_fixed
     per_sequence = per_sequence_kv + per_sequence_workspace + scoring
     max_batch = max((free - prefix_kv) // per_sequence, 0) if shared_prefix_tokens else max(free // per_sequence, 0)
@@ -205,7 +217,8 @@ def plan_memory(
         max_batch=max_batch,
         shared_prefix_tokens=shared_prefix_tokens,
         prefix_kv_bytes=prefix_kv if shared_prefix_tokens else 0,
-        max_batch_unshared=max(free // (unshared_kv + per_sequence_workspace + scoring_copies(max_context)), 0),
+        max_batch_unshared=max(free // (unshared_kv + per_sequence_workspace
+                                        + (label_scoring_copy_bytes(config, max_context, 1, dtype_bytes) if label_scoring else 0)), 0),
         scoring_bytes_per_sequence=scoring,
         scoring_fixed_bytes=scoring_fixed,
     )
@@ -344,7 +357,8 @@ def plan_host_memory(config: ModelConfig, budget_bytes: int, in_use_bytes: int, 
     hidden, inter = config.hidden_size, config.intermediate_size
     activations = batch_tokens * activation_bytes_per_token(config) * max(dtype_bytes, BF16) // BF16
     unpack = 2 * inter * hidden * 2 + 3 * inter * hidden * dtype_bytes  # w1's int32 codes; w1 and w2 values
-    scoring = batch_tokens * kv_per_token // 2 + 2 * SCORING_LOGIT_ROWS * config.vocab_size * 4 if label_scoring else 0
+    scoring = (label_scoring_copy_bytes(config, batch_tokens, max_batch_rows, dtype_bytes) + label_scoring_logits_bytes(config)
+               if label_scoring else 0)
     partial = HostBudget(budget_bytes, in_use_bytes, batch_tokens * kv_per_token, 2 * max_batch_rows * config.vocab_size * 4,
                          activations, unpack, 0, scoring_bytes=scoring)
     room = budget_bytes - in_use_bytes - partial.reserve_bytes

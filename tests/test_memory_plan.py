@@ -163,9 +163,13 @@ def test_host_budget_gives_the_expert_cache_what_the_batch_leaves():
     short = plan_host_memory(c, GIB, GIB // 2, 65536, 256, 2, 8 * GIB)
     assert short.expert_cache_bytes == 0 and short.shortfall_bytes > 0
     assert "--batch-tokens" in format_host_budget(short) and "--batch-tokens" not in format_host_budget(plan)
-    # Scoring labels as rows finish reserves half the KV cache (the contexts' copies) and a pass's logits.
+    # Scoring labels as rows finish reserves the contexts' copies (half the full layers' cache, each
+    # row's window tail in the windowed ones) and a pass's logits.
     scoring = plan_host_memory(c, 4 * GIB, GIB // 2, 4096, 8, 2, 8 * GIB, label_scoring=True)
-    assert scoring.scoring_bytes == plan.kv_bytes // 2 + 2 * SCORING_LOGIT_ROWS * c.vocab_size * 4 and plan.scoring_bytes == 0
+    per_layer_token = 2 * c.num_key_value_heads * c.head_dim * 2
+    half = c.num_hidden_layers // 2  # gpt-oss alternates windowed and full layers
+    assert scoring.scoring_bytes == (half * per_layer_token * 4096 // 2 + 8 * half * per_layer_token * (c.sliding_window - 1)
+                                     + 2 * SCORING_LOGIT_ROWS * c.vocab_size * 4) and plan.scoring_bytes == 0
     assert scoring.expert_cache_bytes == plan.expert_cache_bytes - scoring.scoring_bytes
     assert "label scoring" in format_host_budget(scoring) and "label scoring" not in format_host_budget(plan)
 
