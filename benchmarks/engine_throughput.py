@@ -11,7 +11,7 @@ import argparse
 import time
 
 import torch
-from common import bench_model_dir, rendered_prompts, table
+from common import bench_model_dir, matmul_peak_gflops, rendered_prompts, table
 
 from ossbatch.engine.generate import SamplingParams, generate
 from ossbatch.engine.model import Transformer
@@ -66,7 +66,8 @@ def main():
     parser.add_argument("--hf-prompts", type=int, default=8)
     args = parser.parse_args()
     results = run(args.new_tokens, args.hf_prompts)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+          f"float32 matmul peak in this run: {matmul_peak_gflops():.0f} GFLOP/s (IEEE)")
     print(table(["batch", "ossbatch tok/s", "transformers tok/s", "speed-up"],
                 [[r["batch"], f"{r['ours_tok_s']:.1f}", f"{r['hf_tok_s']:.1f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.1f}x"] for r in results]))
 
