@@ -142,9 +142,9 @@ class SlotScheduler:
 
     def admit(self, decoding: int) -> list[int]:
         """Waiting rows that take free slots now, given how many rows are decoding."""
-        waiting, free = self.waiting, self.free_slots
-        if not waiting or not free or (decoding and len(free) < min(self.refill_at, len(waiting))):
+        if not self.would_admit(decoding, 0):
             return []
+        waiting, free = self.waiting, self.free_slots
         free.sort()
         rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         for row in rows:
