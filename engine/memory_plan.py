@@ -139,15 +139,24 @@ def activation_bytes_per_token(config: ModelConfig) -> int:
     )
 
 
+def windowed_layers(config: ModelConfig) -> int:
+    return sum(1 for layer in range(config.num_hidden_layers) if config.window(layer))
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> tuple[int, int]:
+    """K and V bytes of one cached token: over the full-attention layers, over the windowed ones."""
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    windowed = windowed_layers(config)
+    return (config.num_hidden_layers - windowed) * per_layer, windowed * per_layer
+
+
 def label_scoring_copy_bytes(config: ModelConfig, cache_tokens: int, rows: int, dtype_bytes: int) -> int:
     """Label scoring's copies of finished rows' contexts out of a KV cache of `cache_tokens` positions
     over `rows` rows (engine.generate.ScoringQueue): at most half its positions in full-attention
     layers, the window's tail of each row in windowed ones."""
-    per_layer_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes  # K and V
-    windowed = sum(1 for layer in range(config.num_hidden_layers) if config.window(layer))
-    full = config.num_hidden_layers - windowed
+    kv_full, kv_windowed = kv_bytes_per_token(config, dtype_bytes)
     tail = min(max(config.sliding_window - 1, 0), cache_tokens)
-    return full * per_layer_token * cache_tokens // 2 + rows * windowed * per_layer_token * tail
+    return kv_full * cache_tokens // 2 + rows * kv_windowed * tail
 
 
 def label_scoring_logits_bytes(config: ModelConfig) -> int:
@@ -174,11 +183,9 @@ def plan_memory(
     sizes = weight_bytes_by_part(config)
     weights = sum(sizes.values())
 
-    windowed = sum(1 for layer in range(config.num_hidden_layers) if config.window(layer))
+    windowed = windowed_layers(config)
     full = config.num_hidden_layers - windowed
-    kv_per_layer_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes  # K and V
-    kv_full = full * kv_per_layer_token
-    kv_windowed = windowed * kv_per_layer_token
+    kv_full, kv_windowed = kv_bytes_per_token(config, dtype_bytes)
     window_positions = min(config.sliding_window, max_context)
     kv_windowed_fixed = kv_windowed * window_positions
     windowed_per_sequence = kv_windowed_fixed if ring_buffer_windowed_layers else kv_windowed * max_context
@@ -353,7 +360,7 @@ class HostBudget:
 
 def plan_host_memory(config: ModelConfig, budget_bytes: int, in_use_bytes: int, batch_tokens: int, max_batch_rows: int,
                      dtype_bytes: int, expert_cache_cap: int, label_scoring: bool = False) -> HostBudget:
-    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    kv_per_token = sum(kv_bytes_per_token(config, dtype_bytes))
     hidden, inter = config.hidden_size, config.intermediate_size
     activations = batch_tokens * activation_bytes_per_token(config) * max(dtype_bytes, BF16) // BF16
     unpack = 2 * inter * hidden * 2 + 3 * inter * hidden * dtype_bytes  # w1's int32 codes; w1 and w2 values
